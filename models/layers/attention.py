@@ -1,0 +1,153 @@
+"""Causal attention over a flat (varlen) batch with an optional paged KV cache.
+
+Contract: ``Attention.forward(q, k, v, meta)`` takes the projected, rotated q/k/v of the T new
+tokens of B sequences packed back to back (no padding) and returns the attention output.
+When ``meta.block_tables`` is None the batch is a pure prefill with no cache: every sequence
+attends causally over its own new tokens only (used by parity tests and the encoder-free path).
+Otherwise the new k/v are first written to the paged cache at ``meta.slot_mapping`` and each
+sequence attends over its whole context read from its block table.
+
+Backends: torch SDPA (CPU and fallback) lives here; flash-attn is used when installed and the
+tensors are on CUDA. What does not belong here: scheduling, block allocation, RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:  # optional GPU dependency
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # type: ignore
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+    flash_attn_with_kvcache = None
+
+
+@dataclass
+class AttentionMetadata:
+    """Describes one flat batch; built by the model runner once per step, shared by all layers."""
+
+    cu_seqlens_q: torch.Tensor  # [B+1] int32, offsets of each sequence's new tokens in the batch
+    seq_lens_k: torch.Tensor  # [B] int32, full context length per sequence (cached + new)
+    max_seqlen_q: int  # longest run of new tokens in the batch
+    max_seqlen_k: int  # longest context in the batch
+    slot_mapping: torch.Tensor | None = None  # [T] int64, cache slot per new token; -1 = skip
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32; None = no KV cache
+    seq_lens_k_cpu: list[int] | None = None  # same as seq_lens_k, host copy for the torch path
+    cu_seqlens_q_cpu: list[int] | None = None  # same as cu_seqlens_q, host copy
+
+    @classmethod
+    def prefill(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> AttentionMetadata:
+        """Metadata for a cache-free prefill of whole sequences of the given lengths."""
+        cu = [0]
+        for n in seq_lens:
+            cu.append(cu[-1] + n)
+        return cls(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            seq_lens_k=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            max_seqlen_q=max(seq_lens),
+            max_seqlen_k=max(seq_lens),
+            seq_lens_k_cpu=list(seq_lens),
+            cu_seqlens_q_cpu=cu,
+        )
+
+
+class Attention(torch.nn.Module):
+    """Per-layer attention; ``kv_cache`` is bound by the model runner after allocation."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        # [2, num_blocks, block_size, num_kv_heads, head_dim]; empty until the runner binds it
+        self.kv_cache: torch.Tensor = torch.empty(0)
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        if meta.block_tables is not None:
+            self._write_cache(k, v, meta.slot_mapping)
+        if _use_flash(q):
+            out = self._flash(q, k, v, meta)
+        else:
+            out = self._sdpa(q, k, v, meta)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _write_cache(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        cache = self.kv_cache
+        block_size = cache.shape[2]
+        flat_k = cache[0].view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        valid = slots >= 0
+        idx = slots[valid]
+        flat_k.index_copy_(0, idx, k[valid].to(cache.dtype))
+        flat_v.index_copy_(0, idx, v[valid].to(cache.dtype))
+        del block_size
+
+    def _sdpa(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        cu = meta.cu_seqlens_q_cpu or meta.cu_seqlens_q.tolist()
+        lens_k = meta.seq_lens_k_cpu or meta.seq_lens_k.tolist()
+        out = torch.empty_like(q)
+        groups = self.num_heads // self.num_kv_heads
+        for i in range(len(cu) - 1):
+            s, e = cu[i], cu[i + 1]
+            n_q, n_k = e - s, lens_k[i]
+            if n_q == 0:
+                continue
+            if meta.block_tables is None:
+                ks, vs = k[s:e], v[s:e]
+            else:
+                ks, vs = self._gather(meta.block_tables[i], n_k)
+            qh = q[s:e].transpose(0, 1)  # [H, n_q, D]
+            kh = ks.transpose(0, 1).repeat_interleave(groups, dim=0).to(q.dtype)
+            vh = vs.transpose(0, 1).repeat_interleave(groups, dim=0).to(q.dtype)
+            # new tokens are the last n_q of the context: query j sees keys [0, n_k - n_q + j]
+            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+            out[s:e] = o.transpose(0, 1)
+        return out
+
+    def _gather(self, block_table: torch.Tensor, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cache = self.kv_cache
+        block_size = cache.shape[2]
+        n_blocks = (n_k + block_size - 1) // block_size
+        blocks = block_table[:n_blocks].long()
+        ks = cache[0, blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:n_k]
+        vs = cache[1, blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:n_k]
+        return ks, vs
+
+    def _flash(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        if meta.block_tables is None:
+            return flash_attn_varlen_func(
+                q, k, v,
+                cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_q,
+                max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_q,
+                softmax_scale=self.scale, causal=True,
+            )
+        cache = self.kv_cache
+        return flash_attn_varlen_func(
+            q, cache[0], cache[1],
+            cu_seqlens_q=meta.cu_seqlens_q, max_seqlen_q=meta.max_seqlen_q,
+            cu_seqlens_k=None, seqused_k=meta.seq_lens_k, max_seqlen_k=meta.max_seqlen_k,
+            block_table=meta.block_tables, softmax_scale=self.scale, causal=True,
+        ) if _FLASH_PAGED_VARLEN else self._sdpa(q, k, v, meta)
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (
+        torch.float16,
+        torch.bfloat16,
+    )
+
+
+# flash-attn 2.x varlen accepts block_table with cu_seqlens_k; keep paged reads on SDPA until
+# the engine's GPU issue validates the flash path against the reference on the device.
+_FLASH_PAGED_VARLEN = False
