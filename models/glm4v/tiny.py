@@ -89,10 +89,6 @@ VISION_POS_STD = 0.5
 ROUTER_BIAS_STD = 0.05  # comparable to the spread of sigmoid scores, so it changes the choice
 
 
-def _pad_to(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
 def build_config(variant: str, vocab_size: int, ids: dict[str, int]) -> dict[str, Any]:
     """``config.json`` for ``variant``; ``ids`` maps special-token strings to tokenizer ids."""
     if variant not in VARIANTS:
@@ -261,17 +257,43 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, variant: str = "glm4.5v") -> Path:
-    """Write the tiny checkpoint for ``variant`` ("glm4.5v" or "glm4.6v") into ``out_dir``."""
+def _save_weights(out: Path, weights: dict[str, torch.Tensor], num_shards: int) -> None:
+    """One ``model.safetensors``, or ``num_shards`` files plus the HF index that maps names."""
+    if num_shards == 1:
+        save_file(weights, str(out / "model.safetensors"), {"format": "pt"})
+        return
+    names = list(weights)
+    per = -(-len(names) // num_shards)
+    weight_map: dict[str, str] = {}
+    for k in range(num_shards):
+        fname = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
+        chunk = {n: weights[n] for n in names[k * per : (k + 1) * per]}
+        save_file(chunk, str(out / fname), {"format": "pt"})
+        weight_map |= dict.fromkeys(chunk, fname)
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    _write_json(out / "model.safetensors.index.json", index)
+
+
+def write_tiny_checkpoint(
+    out_dir: str | Path, seed: int = 0, variant: str = "glm4.5v", num_shards: int = 1
+) -> Path:
+    """Write the tiny checkpoint for ``variant`` ("glm4.5v" or "glm4.6v") into ``out_dir``.
+
+    ``num_shards`` > 1 splits the weights over that many files with a
+    ``model.safetensors.index.json``, like large real checkpoints.
+    """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if not 1 <= num_shards <= 16:
+        raise ValueError(f"num_shards must be in 1..16, got {num_shards}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     template = CHAT_TEMPLATE_PATH.read_text()
     tokenizer = write_tokenizer_files(out, template)
     (out / "chat_template.jinja").write_text(template)
     ids = tokenizer.get_vocab(with_added_tokens=True)
-    vocab_size = _pad_to(tokenizer.get_vocab_size(with_added_tokens=True), 64)
+    vocab_size = -(-tokenizer.get_vocab_size(with_added_tokens=True) // 64) * 64  # round up
 
     config = build_config(variant, vocab_size, ids)
     _write_json(out / "config.json", config)
@@ -288,7 +310,7 @@ def write_tiny_checkpoint(out_dir: str | Path, seed: int = 0, variant: str = "gl
     _write_json(out / "video_preprocessor_config.json", _video_processor_config(variant))
     processor = _image_processor_config(variant)["processor_class"]
     _write_json(out / "processor_config.json", {"processor_class": processor})
-    save_file(random_weights(vocab_size, seed), str(out / "model.safetensors"), {"format": "pt"})
+    _save_weights(out, random_weights(vocab_size, seed), num_shards)
     return out
 
 
@@ -296,9 +318,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="directory to write")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (same seed, same bytes)")
     parser.add_argument("--variant", choices=VARIANTS, default="glm4.5v", help="config format")
+    parser.add_argument("--shards", type=int, default=1, help="number of safetensors files")
 
 
 def run(args: argparse.Namespace) -> int:
-    path = write_tiny_checkpoint(args.out, seed=args.seed, variant=args.variant)
+    path = write_tiny_checkpoint(args.out, args.seed, args.variant, num_shards=args.shards)
     print(f"wrote tiny {args.variant} checkpoint to {path}")
     return 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jinja2
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -174,6 +176,146 @@ def test_same_seed_same_bytes_other_seed_other_weights(tmp_path, tiny_ckpt_45):
     assert (other / "tokenizer.json").read_bytes() == (tiny_ckpt_45 / "tokenizer.json").read_bytes()
 
 
+def test_sharded_checkpoint_holds_the_same_weights(tmp_path, tiny_ckpt_46):
+    path = write_tiny_checkpoint(tmp_path / "sharded", seed=0, variant="glm4.6v", num_shards=3)
+    assert not (path / "model.safetensors").exists()
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == 3
+    merged = {}
+    for f in files:
+        part = load_file(str(path / f))
+        assert all(index["weight_map"][k] == f for k in part)
+        merged |= part
+    single = load_file(str(tiny_ckpt_46 / "model.safetensors"))
+    assert merged.keys() == single.keys() == index["weight_map"].keys()
+    assert all(torch.equal(merged[k], single[k]) for k in single)
+    _, info = transformers.Glm4vMoeForConditionalGeneration.from_pretrained(
+        path, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
 def test_unknown_variant_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="variant"):
         write_tiny_checkpoint(tmp_path, variant="glm5")
+
+
+def test_video_prompt_and_generate(loaded, tmp_path):
+    av = pytest.importorskip("av")
+    from transformers.video_utils import load_video
+
+    variant, _, processor, model, _ = loaded
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            frame = np.zeros((48, 64, 3), np.uint8)
+            frame[:, i * 3 : i * 3 + 8] = (255, 0, 0)  # a bar moving right
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    frames, meta = load_video(str(path), backend="pyav")
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert "<|begin_of_video|><|video|><|end_of_video|>" in text
+    inputs = processor(text=[text], videos=[frames], video_metadata=[meta], return_tensors="pt")
+    t, h, w = (int(x) for x in inputs["video_grid_thw"][0])
+    decoded = processor.tokenizer.decode(inputs["input_ids"][0])
+    # One image-delimited group per temporal patch, each followed by its timestamp text.
+    assert decoded.count("<|begin_of_image|>") == t and "<|video|>" not in decoded
+    assert ("seconds" in decoded) == (variant == "glm4.6v")
+    assert t * h * w // 4 <= 64  # the small video budget keeps clips cheap
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+# ---- chat template -------------------------------------------------------------------------
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+CONVERSATION = [
+    {"role": "system", "content": "You are helpful."},
+    {
+        "role": "user",
+        "content": [{"type": "image", "url": "a.png"}, {"type": "text", "text": "Weather here?"}],
+    },
+    {
+        "role": "assistant",
+        "content": "<think>old reasoning</think>Checking.",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Oslo", "days": 2}},
+            }
+        ],
+    },
+    {"role": "tool", "content": "sunny"},
+    {
+        "role": "tool",
+        "content": [{"type": "text", "text": "map:"}, {"type": "image", "url": "m.png"}],
+    },
+    {"role": "assistant", "content": "Sunny.", "reasoning_content": "also old"},
+    {
+        "role": "user",
+        "content": [
+            {"type": "video_url", "video_url": {"url": "v.mp4"}},
+            {"type": "image_url", "image_url": {"url": "b.png"}},
+            {"type": "text", "text": "And these?"},
+        ],
+    },
+    {"role": "assistant", "content": "A clip and a photo.", "reasoning_content": "fresh thought"},
+]
+
+
+def _plain_jinja(path: Path, trim: bool, **kwargs) -> str:
+    env = jinja2.Environment(trim_blocks=trim, lstrip_blocks=trim)
+    env.filters["tojson"] = lambda x: json.dumps(x, ensure_ascii=False)
+    template = env.from_string((path / "chat_template.jinja").read_text())
+    return template.render(messages=CONVERSATION, tools=TOOLS, **kwargs)
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_template_same_in_transformers_and_plain_jinja(loaded, thinking):
+    _, path, processor, _, _ = loaded
+    kwargs = {"add_generation_prompt": True, "enable_thinking": thinking}
+    hf = processor.apply_chat_template(CONVERSATION, tools=TOOLS, tokenize=False, **kwargs)
+    assert hf == processor.tokenizer.apply_chat_template(
+        CONVERSATION, tools=TOOLS, tokenize=False, **kwargs
+    )
+    assert hf == _plain_jinja(path, True, **kwargs) == _plain_jinja(path, False, **kwargs)
+
+
+def test_template_layout(tiny_ckpt_45):
+    on = _plain_jinja(tiny_ckpt_45, True, add_generation_prompt=True)
+    off = _plain_jinja(tiny_ckpt_45, True, add_generation_prompt=True, enable_thinking=False)
+    assert on.startswith("[gMASK]<sop><|system|>\n# Tools") and on.endswith("<|assistant|>\n")
+    assert json.dumps(TOOLS[0]) in on
+    assert "<|system|>\nYou are helpful.<|user|>\n<|begin_of_image|><|image|><|end_of_image|>" in on
+    assert on.count("<|begin_of_image|><|image|><|end_of_image|>") == 3
+    assert on.count("<|begin_of_video|><|video|><|end_of_video|>") == 1
+    # Tool calls in the layout the tool-call parser expects; non-string values as JSON.
+    call = "<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Oslo</arg_value>"
+    assert call + "\n<arg_key>days</arg_key>\n<arg_value>2</arg_value>\n</tool_call>" in on
+    # Consecutive tool results share one observation turn.
+    assert on.count("<|observation|>") == 1 and on.count("<tool_response>\n") == 2
+    # Reasoning is kept only after the last user turn; older turns get an empty think block.
+    assert "old reasoning" not in on and "also old" not in on
+    assert "<|assistant|>\n<think>fresh thought</think>\nA clip and a photo." in on
+    assert on.count("<|assistant|>\n<think></think>\n") == 2
+    # Thinking off: every user turn ends in /nothink and the prompt closes the think block.
+    assert off.count("/nothink<|assistant|>") == 2 and off.count("/nothink") == 2
+    assert off.endswith("<|assistant|>\n<think></think>\n")
+    plain = _plain_jinja(tiny_ckpt_45, True, add_generation_prompt=False)
+    assert plain.endswith("A clip and a photo.")
