@@ -1,0 +1,59 @@
+"""Frozen engine configuration, composed of small parts; the CLI takes its defaults from here.
+
+Contract: ``EngineConfig`` = ``LoadConfig`` (what to load and where) + ``CacheConfig`` (KV pool)
++ ``SchedulerConfig`` (per-step budgets) + ``MediaLimits`` (items per prompt). Values here are
+plain data; ``None`` means "derive at start-up" (``max_model_len`` from the checkpoint, the
+number of KV blocks from free GPU memory). Flag parsing lives in ``cli_args.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    model_path: str = ""
+    dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto = cuda when available, else cpu
+    load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
+    seed: int = 0  # seeds dummy weights and unseeded sampling
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int | None = None  # fixed pool size; None = size from memory (CPU: 1024 blocks)
+    mem_fraction_static: float = 0.85  # GPU: share of free memory (after weights, peak) for KV
+    enable_prefix_caching: bool = True
+
+
+CPU_DEFAULT_NUM_BLOCKS = 1024
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 8192  # tokens computed per step, all requests together
+    chunked_prefill_size: int | None = None  # prefill tokens per request per step; None = budget
+    max_running_requests: int = 256  # requests holding KV blocks at once
+    max_model_len: int | None = None  # prompt + output tokens; None = the checkpoint's limit
+
+    @property
+    def prefill_chunk(self) -> int:
+        return self.chunked_prefill_size or self.max_num_batched_tokens
+
+
+@dataclass(frozen=True)
+class MediaLimits:
+    max_images: int = 16  # images per prompt
+    max_videos: int = 2  # videos per prompt
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    load: LoadConfig = field(default_factory=LoadConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    media: MediaLimits = field(default_factory=MediaLimits)

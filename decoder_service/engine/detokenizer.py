@@ -1,0 +1,99 @@
+"""Incremental detokenization with stop strings.
+
+Contract: one ``IncrementalDetokenizer`` per request. ``push(token_ids)`` returns the text that
+may be shown now. Text is only released once it is complete: a token that ends in the middle of
+a multi-byte character (the tokenizer decodes it to U+FFFD) is held until the character is
+whole, so the concatenation of all pieces equals decoding all tokens at once. When ``stop``
+strings are set, text that could still turn out to be the start of a stop string is held back,
+and once a stop string appears the text is cut before it (``stop_string`` says which); nothing
+of the stop string is ever released. ``flush()`` releases what is held when the request ends
+for another reason. Works with a ``tokenizers.Tokenizer`` or a transformers fast tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_REPLACEMENT = "\ufffd"
+
+
+def backend_tokenizer(tokenizer: Any) -> Any:
+    """The raw ``tokenizers.Tokenizer`` behind a transformers tokenizer (decode without clean-up)."""
+    return (
+        getattr(tokenizer, "backend_tokenizer", None)
+        or getattr(tokenizer, "_tokenizer", None)
+        or tokenizer
+    )
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self, tokenizer: Any, skip_special_tokens: bool = True, stop: tuple[str, ...] = ()
+    ) -> None:
+        self._tok = backend_tokenizer(tokenizer)
+        self._skip = skip_special_tokens
+        self._stop = tuple(stop)
+        self._max_stop = max((len(s) for s in self._stop), default=0)
+        self._ids: list[int] = []
+        self._prefix_offset = 0  # decode window start (context for the next piece)
+        self._read_offset = 0  # tokens up to here are already part of ``text``
+        self.text = ""  # complete text decoded so far (cut at a stop string if one matched)
+        self._released = 0  # characters of ``text`` handed out
+        self.stop_string: str | None = None  # the stop string that matched, if any
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def push(self, token_ids: list[int]) -> str:
+        """Add generated tokens; return the newly releasable text (may be empty)."""
+        if self.stop_string is not None:
+            return ""
+        self._ids.extend(token_ids)
+        before = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self._ids[self._prefix_offset :])
+        if len(after) > len(before) and not after.endswith(_REPLACEMENT):
+            searched_from = len(self.text)
+            self.text += after[len(before) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            if self._stop and self._cut_at_stop(searched_from):
+                return self._release(len(self.text))
+        return self._release(len(self.text) - self._held_back())
+
+    def flush(self) -> str:
+        """Release everything still held (the request ended without a stop string)."""
+        if self.stop_string is None and self._read_offset < len(self._ids):
+            # Trailing bytes of an unfinished character: show them as they decode.
+            tail = self._decode(self._ids[self._prefix_offset :])
+            head = self._decode(self._ids[self._prefix_offset : self._read_offset])
+            self.text += tail[len(head) :]
+            self._read_offset = len(self._ids)
+        return self._release(len(self.text))
+
+    def _cut_at_stop(self, searched_from: int) -> bool:
+        start = max(0, searched_from - self._max_stop + 1)
+        best = None
+        for s in self._stop:
+            i = self.text.find(s, start)
+            if i >= 0 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return False
+        self.text = self.text[: best[0]]
+        self.stop_string = best[1]
+        return True
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+        tail_max = min(self._max_stop - 1, len(self.text) - self._released)
+        for n in range(tail_max, 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self._stop):
+                return n
+        return 0
+
+    def _release(self, upto: int) -> str:
+        upto = max(upto, self._released)
+        piece = self.text[self._released : upto]
+        self._released = upto
+        return piece

@@ -1,0 +1,297 @@
+"""``LLMEngine``: admit requests, run steps, hand back tokens and text.
+
+Contract: ``add_request`` validates everything a caller controls and raises a typed
+``InvalidRequestError`` before the request touches the batch (requests in flight never notice).
+``step()`` is one iteration: schedule -> execute -> update -> outputs; it returns one
+``RequestOutput`` per request that produced a token or finished in that step. ``attach_media``
+delivers embeddings that arrive after admission; ``abort_request`` ends a request and frees its
+blocks. The engine is single-threaded: callers serialise add/abort/step. Loading weights,
+chat templates and media decoding belong to the callers (``generate.py``, the decoder service).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from decoder_service.engine.config import CPU_DEFAULT_NUM_BLOCKS, EngineConfig
+from decoder_service.engine.detokenizer import IncrementalDetokenizer
+from decoder_service.engine.errors import (
+    DuplicateRequestError,
+    InvalidRequestError,
+    KVCapacityError,
+    MediaSpanError,
+    PromptTooLongError,
+    TooManyMediaError,
+    UnknownRequestError,
+)
+from decoder_service.engine.kv_cache_manager import KVCacheManager
+from decoder_service.engine.model_runner import ModelRunner, RunnerOutput, TokenLogprobs
+from decoder_service.engine.request import MediaItem, Request, RequestStatus
+from decoder_service.engine.sampling_params import SamplingParams
+from decoder_service.engine.scheduler import Scheduler
+from models.glm4v.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]  # tokens generated this step (empty for an abort)
+    new_text: str  # text released this step (stop strings and partial characters held back)
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort" once finished
+    stop_reason: str | int | None  # the stop string or stop token id that ended it
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when asked for
+
+
+@dataclass
+class CompletedRequest:
+    """Accumulated outputs of one request (see ``LLMEngine.run_to_completion``)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        model_config: ModelConfig,
+        config: EngineConfig,
+        tokenizer: Any | None = None,
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.max_model_len = (
+            config.scheduler.max_model_len or model_config.text.max_position_embeddings
+        )
+        self.runner = ModelRunner(model, config.cache.block_size, self._media)
+        num_blocks = config.cache.num_blocks
+        if num_blocks is None:
+            if self.runner.device.type == "cuda":
+                num_blocks = self.runner.profile_num_blocks(
+                    config.scheduler.max_num_batched_tokens,
+                    config.scheduler.max_running_requests,
+                    config.cache.mem_fraction_static,
+                )
+            else:
+                num_blocks = CPU_DEFAULT_NUM_BLOCKS
+        if num_blocks < 1:
+            raise RuntimeError("no memory left for the KV cache; lower --mem-fraction-static use")
+        self.runner.allocate_kv_cache(num_blocks)
+        self.kv = KVCacheManager(
+            num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._aborted: list[Request] = []
+
+    # ---- requests ----------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        mm_items: Sequence[MediaItem] = (),
+        mrope_positions: torch.Tensor | None = None,  # [3, P] int64
+        rope_delta: int = 0,
+    ) -> Request:
+        params = sampling_params or SamplingParams()
+        prompt = [int(t) for t in prompt_token_ids]
+        items = sorted(mm_items, key=lambda it: it.offset)
+        self._validate(request_id, prompt, params, items, mrope_positions)
+        for item in items:
+            if item.embeds is not None:
+                item.embeds = self._to_device(item.embeds)
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt,
+            sampling_params=params,
+            eos_token_ids=tuple(self.model_config.text.eos_token_ids),
+            mm_items=list(items),
+            mrope_positions=None
+            if mrope_positions is None
+            else mrope_positions.to("cpu", torch.long),
+            rope_delta=int(rope_delta),
+        )
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer(
+                self.tokenizer, params.skip_special_tokens, params.stop
+            )
+        self.scheduler.add_request(request)
+        return request
+
+    def attach_media(self, request_id: str, index: int, embeds: torch.Tensor) -> None:
+        """Deliver the embeddings [n, H] of media item ``index`` of a request already admitted."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            raise UnknownRequestError(request_id)
+        if not 0 <= index < len(req.mm_items):
+            raise MediaSpanError(f"request {request_id} has no media item {index}", "mm_items")
+        item = req.mm_items[index]
+        self._check_embeds(item, embeds)
+        item.embeds = self._to_device(embeds)
+
+    def abort_request(self, request_id: str) -> bool:
+        """End a request now; False if it is unknown or already finished."""
+        req = self.scheduler.requests.get(request_id)
+        if req is None:
+            return False
+        self.scheduler.finish_request(req, RequestStatus.FINISHED_ABORTED)
+        self._aborted.append(req)
+        return True
+
+    @property
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished or bool(self._aborted)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        result = self.runner.execute(scheduled)
+        updates = self.scheduler.update_from_output(scheduled, result.sampled)
+        return self._outputs(updates, result)
+
+    def run_to_completion(self) -> dict[str, CompletedRequest]:
+        """Step until every request has finished; accumulate their outputs (offline use)."""
+        done: dict[str, CompletedRequest] = {}
+        pending = {
+            rid: CompletedRequest(rid, r.prompt_token_ids)
+            for rid, r in self.scheduler.requests.items()
+        }
+        while self.has_unfinished_requests:
+            for out in self.step():
+                acc = pending[out.request_id]
+                acc.token_ids += out.new_token_ids
+                acc.text += out.new_text
+                acc.logprobs += out.logprobs or []
+                if out.finished:
+                    acc.finish_reason, acc.stop_reason = out.finish_reason, out.stop_reason
+                    acc.num_cached_tokens = out.num_cached_tokens
+                    done[out.request_id] = pending.pop(out.request_id)
+        return done
+
+    def _outputs(
+        self, updates: list[tuple[Request, list[int]]], result: RunnerOutput
+    ) -> list[RequestOutput]:
+        outputs = [self._output(req, [], "", None) for req in self._aborted]
+        self._aborted = []
+        for req, new_ids in updates:
+            text = ""
+            detok = self._detok.get(req.request_id)
+            if detok is not None:
+                text = detok.push(new_ids)
+                if detok.stop_string is not None and not req.finished:
+                    self.scheduler.finish_request(
+                        req, RequestStatus.FINISHED_STOPPED, detok.stop_string
+                    )
+                elif req.finished:
+                    text += detok.flush()
+            lp = result.logprobs.get(req.request_id)
+            outputs.append(self._output(req, new_ids, text, [lp] if lp else None))
+        return outputs
+
+    def _output(self, req: Request, new_ids: list[int], text: str, logprobs) -> RequestOutput:
+        if req.finished:
+            self._detok.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new_ids,
+            new_text=text,
+            finished=req.finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            logprobs=logprobs,
+        )
+
+    # ---- validation ----------------------------------------------------------------------------
+
+    def _validate(self, request_id, prompt, params, items, mrope_positions) -> None:
+        if request_id in self.scheduler.requests:
+            raise DuplicateRequestError(
+                f"request id {request_id!r} is already running", "request_id"
+            )
+        vocab = self.model_config.text.vocab_size
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty", "prompt")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
+        params.validate(vocab)
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop strings need a tokenizer", "stop")
+        if len(prompt) + 1 > self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt)} tokens; max_model_len {self.max_model_len} leaves no room "
+                "for a generated token",
+                "prompt",
+            )
+        limits = self.config.media
+        for modality, limit in (("image", limits.max_images), ("video", limits.max_videos)):
+            count = sum(1 for it in items if it.modality == modality)
+            if count > limit:
+                raise TooManyMediaError(
+                    f"{count} {modality}s in the prompt; the limit is {limit}", "messages"
+                )
+        prev_end = 0
+        for item in items:
+            if item.modality not in ("image", "video") or not item.spans:
+                raise MediaSpanError(f"bad media item {item.content_hash!r}", "mm_items")
+            for a, b in item.spans:
+                if not prev_end <= a < b <= len(prompt):
+                    raise MediaSpanError(
+                        f"media span [{a}, {b}) overlaps or leaves the prompt", "mm_items"
+                    )
+                prev_end = b
+            if item.embeds is not None:
+                self._check_embeds(item, item.embeds)
+        if mrope_positions is not None and tuple(mrope_positions.shape) != (3, len(prompt)):
+            raise InvalidRequestError(
+                f"mrope_positions must be [3, {len(prompt)}], got {list(mrope_positions.shape)}",
+                "prompt",
+            )
+        total = min(len(prompt) + params.max_tokens, self.max_model_len)
+        if self.kv.blocks_for(total) > self.kv.num_blocks:
+            raise KVCapacityError(
+                f"prompt + max_tokens = {total} tokens need {self.kv.blocks_for(total)} KV blocks; the "
+                f"pool holds {self.kv.num_blocks}",
+                "max_tokens",
+            )
+
+    def _check_embeds(self, item: MediaItem, embeds: torch.Tensor) -> None:
+        hidden = self.model_config.text.hidden_size
+        if tuple(embeds.shape) != (item.num_embeds, hidden):
+            raise MediaSpanError(
+                f"media {item.content_hash!r} covers {item.num_embeds} tokens; got embeddings "
+                f"{list(embeds.shape)}, expected [{item.num_embeds}, {hidden}]",
+                "mm_items",
+            )
+
+    def _to_device(self, embeds: torch.Tensor) -> torch.Tensor:
+        return embeds.to(self.runner.device, self.runner.dtype)
+
+    def _media(self, request_id: str, index: int) -> torch.Tensor:
+        embeds = self.scheduler.requests[request_id].mm_items[index].embeds
+        if embeds is None:  # the scheduler never schedules past a missing item
+            raise RuntimeError(f"embeddings of item {index} of {request_id} are missing")
+        return embeds

@@ -1,0 +1,82 @@
+"""Incremental detokenization: multi-byte characters, stop strings held back and cut."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from decoder_service.engine.detokenizer import IncrementalDetokenizer
+from models.glm4v.tokenizer_build import build_tokenizer
+
+TEXTS = [
+    "图片里有什么？一只猫坐在窗户旁边。",
+    "Emoji 🙂🚀 and accents: café, naïve, Zürich — ok.",
+    "Mixed ✓ 中文 and English 😀 with numbers 42.",
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def stream(detok: IncrementalDetokenizer, ids: list[int], chunk: int = 1) -> list[str]:
+    pieces = [detok.push(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    pieces.append(detok.flush())
+    return pieces
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_pieces_concatenate_to_the_full_decode_without_broken_characters(tok, text):
+    ids = tok.encode(text).ids
+    # the byte-level vocabulary splits characters the corpus never saw into several tokens
+    assert any("\ufffd" in tok.decode([i]) for i in ids) or text.isascii()
+    pieces = stream(IncrementalDetokenizer(tok), ids)
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_special_tokens_skipped_or_kept(tok):
+    ids = tok.encode("hello").ids + [tok.token_to_id("<|endoftext|>")]
+    assert "".join(stream(IncrementalDetokenizer(tok), ids)) == "hello"
+    kept = "".join(stream(IncrementalDetokenizer(tok, skip_special_tokens=False), ids))
+    assert kept == "hello<|endoftext|>"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_stop_string_cut_and_never_emitted(tok, chunk):
+    text = "The answer is 42. Then more text follows here."
+    ids = tok.encode(text).ids
+    detok = IncrementalDetokenizer(tok, stop=("42.",))
+    pieces = [detok.push(ids[i : i + chunk]) for i in range(0, len(ids), chunk)]
+    assert detok.stop_string == "42."
+    assert "".join(pieces) == "The answer is "
+    assert detok.flush() == ""
+    assert all("4" not in p for p in pieces)
+
+
+def test_partial_stop_prefix_is_held_then_released(tok):
+    detok = IncrementalDetokenizer(tok, stop=("STOPNOW",))
+    released = []
+    for token in tok.encode("abc STOP later STOPN end").ids:
+        released.append(detok.push([token]))
+        # whatever is visible never ends with a prefix of the stop string
+        shown = "".join(released)
+        assert not any(shown.endswith("STOPNOW"[:k]) for k in range(1, 8))
+    assert detok.stop_string is None
+    assert "".join(released) + detok.flush() == "abc STOP later STOPN end"
+
+
+def test_earliest_of_several_stop_strings_wins(tok):
+    detok = IncrementalDetokenizer(tok, stop=("world", "lo w"))
+    assert "".join(stream(detok, tok.encode("hello world").ids)) == "hel"
+    assert detok.stop_string == "lo w"
+
+
+def test_random_token_streams_match_full_decode(tok):
+    rng = random.Random(0)
+    vocab = tok.get_vocab_size()
+    for _ in range(50):
+        ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+        assert "".join(stream(IncrementalDetokenizer(tok), ids)) == tok.decode(ids)
