@@ -1,0 +1,172 @@
+"""Sigmoid top-k router and fused routed experts of the GLM-4.5 MoE block.
+
+Contract:
+- ``TopKRouter(x) -> RouterOutput``: logits in float32 from the (replicated) gate weight,
+  ``sigmoid`` scores, ``e_score_correction_bias`` added for *selection only*, group limit
+  (``n_group`` / ``topk_group``, groups ranked by the sum of their top-2 biased scores), top-k,
+  then the *unbiased* scores of the chosen experts renormalised (+1e-20) and scaled.
+- ``FusedMoE(x, router_out) -> [T, H]`` float32 *partial* sum of the routed experts held by this
+  rank; the caller adds the shared expert and does the one all-reduce. Weights are stacked:
+  ``w13_weight [E_local, 2*I_local, H]`` (gate rows then up rows) and ``w2_weight
+  [E_local, H, I_local]``; ``weight_loader(param, loaded, shard_id "w1"|"w3"|"w2", expert_id)``
+  takes one checkpoint expert tensor. Sharding: expert parallel keeps whole experts
+  ``[rank*E/ws, (rank+1)*E/ws)``; tensor parallel keeps every expert's slice of the
+  intermediate dim.
+
+What does not belong here: the shared expert (a dense MLP in the model), quantized compute.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from models.distributed import divide, get_parallel_state
+from models.layers.activation import silu_and_mul
+from models.layers.linear import check_shape, default_weight_loader
+
+
+class RouterOutput(NamedTuple):
+    weights: torch.Tensor  # [T, K] float32, renormalised unbiased scores x scaling factor
+    ids: torch.Tensor  # [T, K] int64, global expert ids
+
+
+class TopKRouter(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        n_group: int = 1,
+        topk_group: int = 1,
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.n_group, self.topk_group = n_group, topk_group
+        divide(num_experts, n_group, "routed experts per group")
+        self.norm_topk_prob = norm_topk_prob
+        self.routed_scaling_factor = routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype), False)
+        self.weight.weight_loader = default_weight_loader
+        # kept in float32 whatever the model dtype: it shifts near-equal sigmoid scores
+        bias = torch.zeros(num_experts, dtype=torch.float32)
+        self.e_score_correction_bias = nn.Parameter(bias, requires_grad=False)
+        self.e_score_correction_bias.weight_loader = default_weight_loader
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:  # x [T, H]
+        logits = x.float() @ self.weight.float().t()  # [T, E] float32
+        scores = logits.sigmoid()
+        choice = scores + self.e_score_correction_bias
+        if self.n_group > 1:
+            choice = self._limit_groups(choice)
+        ids = torch.topk(choice, self.top_k, dim=-1, sorted=False).indices  # [T, K]
+        weights = scores.gather(1, ids)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return RouterOutput(weights * self.routed_scaling_factor, ids)
+
+    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:  # [T, E] -> [T, E]
+        t = choice.shape[0]
+        grouped = choice.view(t, self.n_group, -1)
+        top2 = min(2, grouped.shape[-1])
+        group_scores = grouped.topk(top2, dim=-1).values.sum(dim=-1)  # [T, n_group]
+        keep_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
+        keep = keep[:, :, None].expand_as(grouped).reshape(t, -1)
+        return choice.masked_fill(~keep, float("-inf"))
+
+
+class FusedMoE(nn.Module):
+    """Routed experts of one layer, stacked, split by EP or TP per the parallel state."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        state = get_parallel_state()
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        self.intermediate_size = intermediate_size
+        self.rank, self.world = state.rank, state.world_size
+        self.expert_parallel = state.expert_parallel
+        if self.expert_parallel:
+            self.num_local_experts = divide(num_experts, self.world, "routed experts")
+            self.local_intermediate = intermediate_size
+        else:
+            self.num_local_experts = num_experts
+            self.local_intermediate = divide(intermediate_size, self.world, "moe width")
+        self.expert_start = self.rank * self.num_local_experts if self.expert_parallel else 0
+        e, i = self.num_local_experts, self.local_intermediate
+        self.w13_weight = nn.Parameter(torch.empty(e, 2 * i, hidden_size, dtype=dtype), False)
+        self.w2_weight = nn.Parameter(torch.empty(e, hidden_size, i, dtype=dtype), False)
+        self.w13_weight.weight_loader = self.weight_loader
+        self.w2_weight.weight_loader = self.weight_loader
+
+    def weight_loader(
+        self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert_id: int
+    ) -> None:
+        """Copy one checkpoint expert matrix (gate "w1", up "w3" or down "w2") into place."""
+        inter, hidden = self.intermediate_size, self.hidden_size
+        expected = (hidden, inter) if shard_id == "w2" else (inter, hidden)
+        check_shape(loaded, expected)
+        if not 0 <= expert_id < self.num_experts:
+            raise ValueError(f"expert {expert_id} outside 0..{self.num_experts - 1}")
+        local = expert_id - self.expert_start
+        if not 0 <= local < self.num_local_experts:
+            return  # another rank owns this expert
+        i = self.local_intermediate
+        start = 0 if self.expert_parallel else self.rank * i
+        if shard_id == "w2":
+            param.data[local].copy_(loaded.narrow(1, start, i))
+        elif shard_id in ("w1", "w3"):
+            offset = 0 if shard_id == "w1" else i
+            param.data[local].narrow(0, offset, i).copy_(loaded.narrow(0, start, i))
+        else:
+            raise ValueError(f"unknown expert shard {shard_id!r}")
+
+    def forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
+        """x [T, H] -> [T, H] float32 partial sum over the experts/slices this rank holds."""
+        # NOTE: hook for a grouped-GEMM / Triton fused-experts kernel on CUDA; it must match
+        # ``experts_reference`` (tests compare against transformers through this path).
+        return experts_reference(x, self.w13_weight, self.w2_weight, route, self.expert_start)
+
+
+def experts_reference(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E_local, 2I, H]
+    w2: torch.Tensor,  # [E_local, H, I]
+    route: RouterOutput,
+    expert_start: int = 0,
+) -> torch.Tensor:  # [T, H] float32
+    """Loop over the experts that received tokens; each runs one dense GEMM on its tokens."""
+    t, k = route.ids.shape
+    out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
+    local_ids = route.ids.reshape(-1) - expert_start  # [T*K]
+    owned = (local_ids >= 0) & (local_ids < w13.shape[0])
+    slots = owned.nonzero().squeeze(1)  # flat (token, k) slots routed to this rank
+    if slots.numel() == 0:
+        return out
+    slot_experts = local_ids.index_select(0, slots)
+    slot_experts, order = slot_experts.sort(stable=True)
+    slots = slots.index_select(0, order)
+    counts = torch.bincount(slot_experts, minlength=w13.shape[0]).tolist()
+    flat_weights = route.weights.reshape(-1)
+    begin = 0
+    for expert, n in enumerate(counts):
+        if n == 0:
+            continue
+        chunk = slots[begin : begin + n]
+        begin += n
+        tokens = chunk // k
+        h = silu_and_mul(x.index_select(0, tokens) @ w13[expert].t())
+        y = (h @ w2[expert].t()).float() * flat_weights.index_select(0, chunk)[:, None]
+        out.index_add_(0, tokens, y)
+    return out

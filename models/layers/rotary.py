@@ -1,0 +1,79 @@
+"""Partial NeoX-style multimodal rotary embedding (M-RoPE) of the GLM-4.5V text decoder.
+
+Contract: ``MRotaryEmbedding(head_dim, rotary_dim, base, mrope_section)`` maps positions ``[3, T]``
+(temporal, height, width) or plain ``[T]`` (text: t = h = w) to ``RotaryCos`` (cos/sin
+``[T, rotary_dim/2]`` float32) once per forward; ``apply(q, k, rope)`` rotates only the first
+``rotary_dim`` dims of every head (rotate-half layout: dim i pairs with i + rotary_dim/2) and
+passes the rest through. Frequency index j takes its position from the section it falls in:
+t for the first ``mrope_section[0]`` indices, h for the next ``[1]``, w for the last ``[2]``
+(contiguous sections, not interleaved).
+
+What does not belong here: computing the 3-D positions from grids (processing/rope_index.py),
+the vision tower's 2-D rotary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class RotaryCos(NamedTuple):
+    cos: torch.Tensor  # [T, rotary_dim/2] float32
+    sin: torch.Tensor  # [T, rotary_dim/2] float32
+
+
+class MRotaryEmbedding(nn.Module):
+    def __init__(
+        self, head_dim: int, rotary_dim: int, base: float, mrope_section: tuple[int, ...]
+    ) -> None:
+        super().__init__()
+        if rotary_dim % 2 or rotary_dim > head_dim:
+            raise ValueError(f"rotary_dim {rotary_dim} must be even and <= head_dim {head_dim}")
+        if 2 * sum(mrope_section) != rotary_dim:
+            raise ValueError(f"mrope_section {mrope_section} must sum to rotary_dim/2")
+        self.head_dim, self.rotary_dim, self.base = head_dim, rotary_dim, base
+        self.mrope_section = tuple(mrope_section)
+        self.register_buffer("inv_freq", torch.empty(rotary_dim // 2), persistent=False)
+        # which of (t, h, w) feeds each frequency index
+        self.register_buffer("section_of", torch.empty(rotary_dim // 2, dtype=torch.long), False)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """(Re)compute the constant buffers; called again after meta-device materialisation."""
+        if self.inv_freq.is_meta:
+            return
+        dev = self.inv_freq.device
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device=dev)
+        self.inv_freq.copy_(1.0 / (self.base ** (exponent / self.rotary_dim)))
+        sections = [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(self.mrope_section)]
+        self.section_of.copy_(torch.cat(sections))
+
+    def forward(self, positions: torch.Tensor) -> RotaryCos:  # [3, T] or [T] int64
+        if positions.dim() == 1:
+            pos = positions.float()[:, None]  # [T, 1] broadcast over all sections
+        else:
+            # [3, T] -> per frequency index the position of its section: [T, rotary_dim/2]
+            pos = positions.float().index_select(0, self.section_of).t()
+        angle = pos * self.inv_freq  # [T, rotary_dim/2] float32
+        return RotaryCos(angle.cos(), angle.sin())
+
+    def apply(
+        self, q: torch.Tensor, k: torch.Tensor, rope: RotaryCos
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # q [T, Hq, D], k [T, Hk, D]
+        return _rotate(q, rope, self.rotary_dim), _rotate(k, rope, self.rotary_dim)
+
+
+def _rotate(x: torch.Tensor, rope: RotaryCos, rotary_dim: int) -> torch.Tensor:
+    # cos/sin cast to the activation dtype before the multiply, as the reference does
+    cos = rope.cos.to(x.dtype)[:, None, :]  # [T, 1, rd/2]
+    sin = rope.sin.to(x.dtype)[:, None, :]
+    half = rotary_dim // 2
+    x1, x2 = x[..., :half], x[..., half:rotary_dim]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if rotary_dim == x.shape[-1]:
+        return out
+    return torch.cat((out, x[..., rotary_dim:]), dim=-1)
