@@ -1,0 +1,145 @@
+"""Image preprocessing for GLM-4.5V / GLM-4.6V: PIL image -> normalised patches in merge-block order.
+
+Contract: ``preprocess_image(img, limits)`` returns a ``VisionInput`` whose ``pixel_values`` equal
+what transformers' default ``Glm4vImageProcessor`` (torchvision backend) produces for the same
+image: RGB conversion (transparency composited on white), ``smart_resize`` to multiples of 28,
+antialiased bicubic resize of the uint8 image, (x - 255*mean) / (255*std) in float32, then patches
+of (C, T=2, 14, 14) with the frame duplicated across T, ordered (h/2, w/2, 2, 2). ``smart_resize``
+raises ``ImageSizeError`` for a zero-area image or an aspect ratio above 200.
+``patchify`` and ``normalize`` are shared with ``video.py``.
+
+Not here: decoding bytes (``media.py``), frame sampling (``video.py``), token counting for prompts
+beyond ``VisionInput.num_tokens``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from models.glm4v.errors import ImageSizeError
+from models.glm4v.processing.processor_config import ImageLimits
+
+MAX_ASPECT_RATIO = 200
+
+
+@dataclass
+class VisionInput:
+    """One preprocessed image or video, ready for the vision tower."""
+
+    pixel_values: torch.Tensor  # [t*h*w, C*T*P*P] float32, merge-block order
+    grid_thw: tuple[int, int, int]  # (temporal patches, patch rows, patch cols)
+    modality: str  # "image" or "video"
+    merge_size: int = 2
+    timestamps: list[float] = field(default_factory=list)  # videos: seconds, one per temporal patch
+    frame_indices: list[int] = field(default_factory=list)  # videos: sampled source frames
+
+    @property
+    def num_tokens(self) -> int:
+        """Embeddings the tower returns for this item (= placeholder tokens in the prompt)."""
+        t, h, w = self.grid_thw
+        return t * h * w // (self.merge_size**2)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Embeddings per temporal patch (the whole item for an image)."""
+        _, h, w = self.grid_thw
+        return h * w // (self.merge_size**2)
+
+
+def smart_resize(
+    num_frames: int,
+    height: int,
+    width: int,
+    factor: int = 28,
+    min_pixels: int = 112 * 112,
+    max_pixels: int = 28 * 28 * 15000,
+    temporal_factor: int = 2,
+) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor`` with num_frames*h*w inside the budget."""
+    if height <= 0 or width <= 0:
+        raise ImageSizeError(f"image has zero area ({width}x{height})")
+    if num_frames < temporal_factor:
+        raise ValueError(f"num_frames {num_frames} < temporal factor {temporal_factor}")
+    if height < factor or width < factor:
+        # tiny sides are first scaled up (and truncated) so the shorter one reaches `factor`
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    aspect = max(height, width) / min(height, width)
+    if aspect > MAX_ASPECT_RATIO:
+        raise ImageSizeError(f"aspect ratio {aspect:.1f} is above the limit of {MAX_ASPECT_RATIO}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB view of any PIL mode; transparent pixels are composited onto white."""
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resize of uint8 frames [F, C, H, W] (what torchvision does on CPU)."""
+    if tuple(frames.shape[-2:]) == (height, width):
+        return frames
+    return F.interpolate(
+        frames, size=(height, width), mode="bicubic", align_corners=False, antialias=True
+    )
+
+
+def normalize(frames: torch.Tensor, limits: ImageLimits) -> torch.Tensor:
+    """uint8 [F, C, H, W] -> float32, rescale and mean/std folded into one step as the reference."""
+    scale = 1.0 / limits.rescale_factor
+    mean = (torch.tensor(limits.image_mean) * scale).view(-1, 1, 1)
+    std = (torch.tensor(limits.image_std) * scale).view(-1, 1, 1)
+    return frames.to(torch.float32).sub_(mean).div_(std)
+
+
+def patchify(frames: torch.Tensor, limits: ImageLimits) -> tuple[torch.Tensor, int, int, int]:
+    """Float frames [F, C, H, W] (F a multiple of T) -> ([F/T*gh*gw, C*T*P*P], grid_t, gh, gw).
+
+    Patch order is (grid_t, gh/m, gw/m, m, m); each patch holds (C, T, P, P) values.
+    """
+    n, c, h, w = frames.shape
+    p, m, tp = limits.patch_size, limits.merge_size, limits.temporal_patch_size
+    gt, gh, gw = n // tp, h // p, w // p
+    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # gt, bh, bw, mh, mw, C, T, P, P
+    return x.reshape(gt * gh * gw, c * tp * p * p), gt, gh, gw
+
+
+def preprocess_image(img: Image.Image, limits: ImageLimits) -> VisionInput:
+    rgb = np.array(to_rgb(img))  # [H, W, 3] uint8
+    frame = torch.from_numpy(rgb).permute(2, 0, 1).contiguous().unsqueeze(0)  # [1, 3, H, W]
+    height, width = rgb.shape[:2]
+    tp = limits.temporal_patch_size
+    rh, rw = smart_resize(
+        tp, height, width, limits.factor, limits.min_pixels, limits.max_pixels, tp
+    )
+    pixels = normalize(resize_uint8(frame, rh, rw), limits)
+    # a still image fills every temporal slot of its patch with the same frame
+    patches, gt, gh, gw = patchify(pixels.expand(tp, -1, -1, -1), limits)
+    return VisionInput(
+        pixel_values=patches,
+        grid_thw=(gt, gh, gw),
+        modality="image",
+        merge_size=limits.merge_size,
+    )

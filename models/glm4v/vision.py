@@ -1,0 +1,263 @@
+"""GLM-4.5V / GLM-4.6V vision tower: pixels of patches -> one embedding per 2x2 merged patch.
+
+Contract: ``VisionTower(cfg).forward(pixel_values [N, patch_dim], grid_thw [M, 3] int64)`` returns
+``[N / merge**2, out_hidden]``. Each ``grid_thw`` row (t, h, w) describes one image (t == 1) or
+one video (t temporal patches); its patches are laid out by the processor in merge-block order.
+Attention is bidirectional inside one segment and never crosses segments: a segment is one image
+or one temporal patch of a video (h*w patches), so a video of t temporal patches is t segments.
+
+Parameter names below ``VisionTower`` equal the checkpoint names after ``model.visual.``
+(``patch_embed.proj.weight`` [hidden, C, T, P, P], ``blocks.{i}.attn.qkv.weight``, ...), so a
+loader maps ``model.visual.X`` to ``visual.X`` without renaming.
+
+Not here: preprocessing (``processing/``), weight loading, batching across requests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.glm4v.config import VisionConfig
+
+try:  # optional GPU dependency
+    from flash_attn import flash_attn_varlen_func  # type: ignore
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_varlen_func = None
+
+VISION_ROPE_THETA = 10000.0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, dim]
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # cast back before the weight multiply, as the reference does
+        return self.weight * xf.to(dtype)
+
+
+class PatchEmbed(nn.Module):
+    """Conv3d with kernel == stride == patch, kept as a Conv3d so the weight loads by name."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel_size=kernel, stride=kernel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, patch_dim] -> [N, hidden]
+        w = self.proj.weight
+        # a kernel-sized, stride-sized conv over one patch is a matmul over its (C, T, P, P) values
+        return F.linear(x.to(w.dtype), w.reshape(w.shape[0], -1), self.proj.bias)
+
+
+class PositionEmbedding(nn.Module):
+    """Learned square table of absolute positions, bicubically resampled to each image's grid."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.position_embedding = nn.Embedding(cfg.num_positions, cfg.hidden_size)
+
+    def forward(
+        self,
+        h_pos: torch.Tensor,  # [N] int64, patch row within its image's grid
+        w_pos: torch.Tensor,  # [N] int64, patch column
+        grid_h: torch.Tensor,  # [N] float32, its image's grid height (patches)
+        grid_w: torch.Tensor,  # [N] float32
+    ) -> torch.Tensor:  # [N, hidden] in the table's dtype
+        table = self.position_embedding.weight
+        side = int(round(table.shape[0] ** 0.5))
+        grid_img = table.view(side, side, -1).permute(2, 0, 1).unsqueeze(0).float()
+        x = (w_pos.float() + 0.5) / grid_w * 2 - 1
+        y = (h_pos.float() + 0.5) / grid_h * 2 - 1
+        grid = torch.stack((x, y), dim=-1).view(1, -1, 1, 2)
+        out = F.grid_sample(
+            grid_img, grid, mode="bicubic", align_corners=False, padding_mode="border"
+        )  # [1, hidden, N, 1]
+        return out[0, :, :, 0].t().to(table.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, hidden]
+        cos: torch.Tensor,  # [N, 1, head_dim] float32
+        sin: torch.Tensor,  # [N, 1, head_dim] float32
+        segments: _Segments,
+    ) -> torch.Tensor:  # [N, hidden]
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
+        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
+        if _use_flash(q):
+            out = flash_attn_varlen_func(
+                q, k, v.contiguous(),
+                cu_seqlens_q=segments.cu_seqlens, cu_seqlens_k=segments.cu_seqlens,
+                max_seqlen_q=segments.max_len, max_seqlen_k=segments.max_len,
+                softmax_scale=self.scale, causal=False,
+            )  # fmt: skip
+        else:
+            out = torch.empty_like(q)
+            for s, e in segments.bounds:
+                qh, kh, vh = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [H, L, D]
+                o = F.scaled_dot_product_attention(qh, kh, vh, scale=self.scale)
+                out[s:e] = o.transpose(0, 1)
+        return self.proj(out.reshape(n, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inner, bias=False)
+        self.up_proj = nn.Linear(dim, inner, bias=False)
+        self.down_proj = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = VisionAttention(cfg)
+        # the block MLP is out_hidden_size wide (4096 in the real model), not intermediate_size
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.out_hidden_size)
+
+    def forward(self, x, cos, sin, segments: _Segments) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.post_projection_norm = nn.LayerNorm(dim, eps=1e-5)
+        self.gate_proj = nn.Linear(dim, inner, bias=False)
+        self.up_proj = nn.Linear(dim, inner, bias=False)
+        self.down_proj = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, dim]
+        x = F.gelu(self.post_projection_norm(self.proj(x)))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Segments:
+    """Attention segments of a packed batch: host bounds for SDPA, device offsets for flash."""
+
+    def __init__(self, lengths: list[int], device: torch.device) -> None:
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        self.bounds = list(zip(starts[:-1], starts[1:], strict=True))
+        self.max_len = max(lengths) if lengths else 0
+        self.cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=device)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.merge = cfg.spatial_merge_size
+        self.patch_embed = PatchEmbed(cfg)
+        self.post_conv_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embeddings = PositionEmbedding(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.post_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.downsample = nn.Conv2d(
+            cfg.hidden_size, cfg.out_hidden_size, kernel_size=self.merge, stride=self.merge
+        )
+        self.merger = PatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embed.proj.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.patch_embed.proj.weight.device
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,  # [N, C*T*P*P] float
+        grid_thw: torch.Tensor,  # [M, 3] int64, rows (t, h, w) in patches
+    ) -> torch.Tensor:  # [N / merge**2, out_hidden]
+        grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
+        expected = sum(t * h * w for t, h, w in grids)
+        if pixel_values.shape[0] != expected:
+            raise ValueError(
+                f"pixel_values has {pixel_values.shape[0]} patches but grid_thw describes {expected}"
+            )
+        device = pixel_values.device
+        h_pos, w_pos, grid_h, grid_w = self._patch_positions(grids, device)
+        segments = _Segments([h * w for t, h, w in grids for _ in range(t)], device)
+
+        x = self.patch_embed(pixel_values)
+        x = self.post_conv_layernorm(x)
+        x = x + self.embeddings(h_pos, w_pos, grid_h, grid_w).to(x.device)
+        cos, sin = self._rope(h_pos, w_pos)
+        for block in self.blocks:
+            x = block(x, cos, sin, segments)
+        x = self.post_layernorm(x)
+
+        # each run of merge**2 consecutive patches is one merge block (processor layout)
+        m, c = self.merge, x.shape[-1]
+        blocks = x.view(-1, m, m, c).permute(0, 3, 1, 2).reshape(-1, c * m * m)
+        w = self.downsample.weight
+        x = F.linear(blocks, w.reshape(w.shape[0], -1), self.downsample.bias)
+        return self.merger(x)
+
+    def _patch_positions(
+        self, grids: list[tuple[int, int, int]], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row/column of every patch in merge-block order, and its image's grid size."""
+        m = self.merge
+        hs, ws, gh, gw = [], [], [], []
+        for t, h, w in grids:
+            rows = torch.arange(h, device=device).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
+            cols = torch.arange(w, device=device).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
+            rows = rows.transpose(1, 2).reshape(-1).repeat(t)
+            cols = cols.transpose(1, 2).reshape(-1).repeat(t)
+            hs.append(rows)
+            ws.append(cols)
+            gh.append(torch.full((t * h * w,), float(h), device=device))
+            gw.append(torch.full((t * h * w,), float(w), device=device))
+        return torch.cat(hs), torch.cat(ws), torch.cat(gh), torch.cat(gw)
+
+    def _rope(self, h_pos: torch.Tensor, w_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # built here in float32, not kept as a buffer that a .to(bfloat16) would round
+        quarter = self.cfg.head_dim // 4
+        exponent = torch.arange(quarter, dtype=torch.float32, device=h_pos.device) / quarter
+        inv = 1.0 / (VISION_ROPE_THETA**exponent)  # [head_dim/4]
+        angles = torch.cat((h_pos[:, None].float() * inv, w_pos[:, None].float() * inv), dim=-1)
+        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # [N, 1, head_dim]
+        return angles.cos(), angles.sin()
+
+
+def _use_flash(q: torch.Tensor) -> bool:
+    return (
+        flash_attn_varlen_func is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+    )
