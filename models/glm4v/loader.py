@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -57,8 +57,8 @@ def load_model(
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
-        reader = CheckpointReader(Path(model_path))
-        report = model.load_weights(reader.tensors(config, vision=vision, text=text))
+        reader = CheckpointReader(Path(model_path), lambda n: _wanted(n, vision, text))
+        report = model.load_weights(reader.tensors(config))
         if report.unexpected:
             log.warning(
                 "ignored %d unknown checkpoint tensors, e.g. %s",
@@ -119,10 +119,18 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
             p.normal_(0.0, DUMMY_STD, generator=gen)
 
 
-class CheckpointReader:
-    """Tensor names -> safetensors files of one checkpoint directory, opened lazily."""
+def _wanted(name: str, vision: bool, text: bool) -> bool:
+    return vision if name.startswith(VISION_PREFIX) else text
 
-    def __init__(self, path: Path) -> None:
+
+class CheckpointReader:
+    """Tensor names -> safetensors files of one checkpoint directory, opened lazily.
+
+    Only names accepted by ``wanted`` are read; a missing shard is an error only when it holds
+    one of them (an encoder can run from the vision shards alone).
+    """
+
+    def __init__(self, path: Path, wanted: Callable[[str], bool] = lambda name: True) -> None:
         self.path = path
         self.files: dict[str, Path] = {}  # tensor name -> file
         self._handles: dict[Path, object] = {}
@@ -132,6 +140,7 @@ class CheckpointReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+            weight_map = {n: f for n, f in weight_map.items() if wanted(n)}
             for shard in sorted(set(weight_map.values())):
                 if not (path / shard).is_file():
                     raise CheckpointError(
@@ -140,7 +149,7 @@ class CheckpointReader:
             self.files = {name: path / shard for name, shard in weight_map.items()}
         elif (path / SINGLE_FILE).is_file():
             with safe_open(path / SINGLE_FILE, framework="pt") as f:
-                self.files = dict.fromkeys(f.keys(), path / SINGLE_FILE)
+                self.files = dict.fromkeys(filter(wanted, f.keys()), path / SINGLE_FILE)
         else:
             raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}")
 
@@ -154,16 +163,11 @@ class CheckpointReader:
         except SafetensorError as exc:
             raise CheckpointError(f"tensor {name!r} missing from {file.name}: {exc}") from exc
 
-    def tensors(
-        self, config: ModelConfig, vision: bool, text: bool
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) of the wanted parts, file by file, FP8 weights dequantised."""
         by_file = sorted(self.files, key=lambda n: (str(self.files[n]), n))
         for name in by_file:
             if name.endswith(_SCALE_SUFFIXES):
-                continue
-            is_vision = name.startswith(VISION_PREFIX)
-            if (is_vision and not vision) or (not is_vision and not text):
                 continue
             tensor = self.get(name)
             if tensor.dtype in _FP8_DTYPES:
