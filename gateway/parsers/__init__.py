@@ -1,0 +1,1 @@
+"""Model-output parsers: reasoning (`<think>`) and GLM tool calls, whole-text and streaming."""
