@@ -57,7 +57,9 @@ MULTI_ENCODER_GPU_VALUES: dict[str, Any] = {
         "ingress": {"enabled": True, "className": "nginx"},
     },
     "gpu": {"nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H200"}},
-    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}, "scrapeGateway": True}
+    },
 }
 
 CPU_VALUES: dict[str, Any] = {

@@ -276,7 +276,10 @@ def test_service_monitor_scrapes_the_metrics_ports(release_default, release_mult
         and {e["port"] for e in monitor["spec"]["endpoints"]}
         & {p["name"] for p in svc["spec"]["ports"]}
     }
-    assert scraped == {"encoder", "decoder"}
+    assert scraped == {"encoder", "decoder", "gateway"}
+    # The gateway's /metrics needs the API key: the scrape sends the same Secret.
+    (gateway,) = [e for e in monitor["spec"]["endpoints"] if e["port"] == "http"]
+    assert gateway["authorization"]["credentials"] == api_key_ref(release_multi)
     for component in ("encoder", "decoder"):
         args = release_multi.args(component)
         port = int(flag(args, "--metrics-port"))
