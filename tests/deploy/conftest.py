@@ -50,7 +50,13 @@ MULTI_ENCODER_GPU_VALUES: dict[str, Any] = {
         },
         "hostIPC": True,
     },
-    "decoder": {"tp": 8, "ep": 8, "maxNumBatchedTokens": 16384, "hostIPC": True},
+    "decoder": {
+        "tp": 8,
+        "ep": 8,
+        "maxModelLen": 65536,
+        "maxNumBatchedTokens": 16384,
+        "hostIPC": True,
+    },
     "gateway": {
         "replicas": 3,
         "apiKey": {"existingSecret": "glimpse-key", "secretKey": "token"},

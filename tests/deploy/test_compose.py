@@ -161,7 +161,7 @@ def test_defaults_serve_the_embedded_demo_model(compose_cpu):
 
 
 def test_the_cpu_override_only_changes_device_settings(compose_gpu, compose_cpu):
-    gpu_only = {"--mem-fraction-static", "--max-model-len"}
+    gpu_only = {"--mem-fraction-static"}
     for name in GRPC_SERVICES:
         g, c = compose_gpu["services"][name]["command"], compose_cpu["services"][name]["command"]
         g_flags = {a for a in g if a.startswith("--")}

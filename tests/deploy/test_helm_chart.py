@@ -116,7 +116,10 @@ def test_gpu_resources_follow_tp_and_replicas(release_default, release_multi):
             requests = rel.container(component)["resources"]["requests"]
             assert "cpu" in requests and "memory" in requests  # HPA on CPU needs a request
     assert flag(release_multi.args("decoder"), "--ep") == "8"
+    assert flag(release_multi.args("decoder"), "--max-model-len") == "65536"
+    # Unset knobs are left to the service (the checkpoint's context length, no EP).
     assert "--ep" not in release_default.args("decoder")
+    assert "--max-model-len" not in release_default.args("decoder")
 
 
 def test_cpu_setting_uses_no_gpu(release_cpu):
@@ -362,3 +365,15 @@ def test_notes_tell_how_to_reach_the_api(release_default, release_multi):
     notes = release_default.manifests["glimpse/templates/NOTES.txt"]
     assert "port-forward svc/glimpse-gateway" in notes and "GLIMPSE_API_KEY" in notes
     assert "glimpse.example.com" in release_multi.manifests["glimpse/templates/NOTES.txt"]
+
+
+def test_embedded_model_path_matches_the_image():
+    dockerfile = (REPO / "deploy" / "Dockerfile.gpu").read_text()
+    workdir = dockerfile.split("\nWORKDIR ", 1)[1].split()[0]
+    embedded = yaml.safe_load((CHART / "values.yaml").read_text())["model"]["embeddedPath"]
+    assert f"GLIMPSE_DEMO_MODEL={embedded}" in dockerfile
+    # The image copies the repository's packages under WORKDIR, so the demo checkpoint sits at
+    # the same relative path as the one compose mounts by default.
+    relative = Path(embedded).relative_to(workdir)
+    compose = (REPO / "deploy" / "docker-compose.yml").read_text()
+    assert f"${{MODEL_DIR:-../{relative}}}" in compose
