@@ -1,0 +1,149 @@
+"""The ``grpc_stream`` path: bounded chunks out, validated reassembly in.
+
+Producer: ``split_chunks`` cuts an item's bytes into chunks of at most ``chunk_bytes`` (default
+4 MiB, clamped to [1 KiB, 4 MiB]), each carrying its offset, the item's total size and a CRC32 of
+its bytes. Flow control is gRPC's own: a server-streaming handler that yields these lazily never
+holds more than one chunk beyond what the transport buffered.
+
+Consumer: ``assemble`` reads chunks (an async or sync iterable of anything with ``offset``,
+``data``, ``total_bytes`` and optionally ``crc32``, so generated proto messages work as they are)
+and checks that offsets are contiguous, totals agree, checksums match and the stream did not end
+early. Any violation is a ``StreamCutError`` (DATA_LOSS). A gRPC error in the middle of a stream is
+a cut too; before the first chunk it means the producer is unreachable (UNAVAILABLE) or the item
+is gone (DATA_LOSS); deadline and cancellation errors pass through untouched.
+
+Message limits: a chunk message is a little larger than its payload, so both ends must raise
+gRPC's 4 MiB default; ``grpc_message_options()`` gives the channel/server options to use.
+
+Not here: deciding when to stream (importer.py), finding the item (exporter.py).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import AsyncIterable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from encoder_service.transport.errors import PoolUnavailableError, StaleSlotError, StreamCutError
+
+MIN_CHUNK_BYTES = 1 << 10
+MAX_CHUNK_BYTES = 4 << 20
+DEFAULT_CHUNK_BYTES = MAX_CHUNK_BYTES
+# Room for the message framing and the small fields beside the payload.
+_MESSAGE_OVERHEAD = 64 << 10
+
+
+@dataclass(frozen=True)
+class EmbeddingChunk:
+    offset: int  # byte offset of data in the item
+    data: bytes
+    total_bytes: int  # the item's size; lets the reader detect a cut stream
+    crc32: int | None = None  # zlib.crc32 of data; None when the wire format has no field for it
+
+
+def clamp_chunk_bytes(requested: int | None) -> int:
+    if not requested:
+        return DEFAULT_CHUNK_BYTES
+    return max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, int(requested)))
+
+
+def grpc_message_options(chunk_bytes: int = MAX_CHUNK_BYTES) -> list[tuple[str, int]]:
+    """Channel and server options that admit chunks of ``chunk_bytes`` in both directions."""
+    limit = chunk_bytes + _MESSAGE_OVERHEAD
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def split_chunks(
+    data: bytes | bytearray | memoryview, chunk_bytes: int | None = None, checksum: bool = True
+) -> Iterator[EmbeddingChunk]:
+    """Yield ``data`` as bounded chunks (lazily: each chunk's bytes are copied when yielded)."""
+    view = memoryview(data).cast("B")
+    step = clamp_chunk_bytes(chunk_bytes)
+    total = len(view)
+    if total == 0:
+        yield EmbeddingChunk(offset=0, data=b"", total_bytes=0, crc32=0 if checksum else None)
+        return
+    for start in range(0, total, step):
+        piece = bytes(view[start : start + step])
+        crc = zlib.crc32(piece) if checksum else None
+        yield EmbeddingChunk(offset=start, data=piece, total_bytes=total, crc32=crc)
+
+
+class ChunkAssembler:
+    """Accumulates chunks of one item into a preallocated buffer, validating as it goes."""
+
+    def __init__(self, total_bytes: int, what: str = "embedding") -> None:
+        self.buffer = bytearray(total_bytes)
+        self.filled = 0
+        self._total = total_bytes
+        self._what = what
+
+    def add(self, chunk: Any) -> None:
+        offset, data, total = int(chunk.offset), chunk.data, int(chunk.total_bytes)
+        crc = getattr(chunk, "crc32", None)
+        if total != self._total:
+            raise StreamCutError(
+                f"{self._what}: stream announces {total} bytes, descriptor says {self._total}"
+            )
+        if offset != self.filled:
+            raise StreamCutError(
+                f"{self._what}: chunk at offset {offset}, expected {self.filled} (gap or reorder)"
+            )
+        end = offset + len(data)
+        if end > self._total:
+            raise StreamCutError(f"{self._what}: chunk runs past the end ({end} > {self._total})")
+        if crc is not None and zlib.crc32(data) != crc:
+            raise StreamCutError(f"{self._what}: checksum mismatch in chunk at offset {offset}")
+        self.buffer[offset:end] = data
+        self.filled = end
+
+    def finish(self) -> bytearray:
+        if self.filled != self._total:
+            raise StreamCutError(
+                f"{self._what}: stream ended after {self.filled} of {self._total} bytes"
+            )
+        return self.buffer
+
+
+def _rpc_error(e: grpc.RpcError, assembler: ChunkAssembler) -> Exception:
+    code = e.code() if hasattr(e, "code") else None
+    details = e.details() if hasattr(e, "details") else str(e)
+    if code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return e
+    what = assembler._what
+    if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DATA_LOSS):
+        return StaleSlotError(f"{what}: producer no longer has it ({code.name}: {details})")
+    if assembler.filled == 0:
+        name = code.name if code is not None else "error"
+        return PoolUnavailableError(f"{what}: producer unreachable ({name}: {details})")
+    return StreamCutError(
+        f"{what}: stream failed after {assembler.filled} of {len(assembler.buffer)} bytes"
+        f" ({code.name if code is not None else 'error'}: {details})"
+    )
+
+
+async def assemble(
+    chunks: AsyncIterable[Any] | Iterable[Any], total_bytes: int, what: str = "embedding"
+) -> bytearray:
+    """Read a whole chunk stream into one buffer; raises StreamCutError if anything is off."""
+    assembler = ChunkAssembler(total_bytes, what)
+    done = False
+    try:
+        if hasattr(chunks, "__aiter__"):
+            async for chunk in chunks:  # type: ignore[union-attr]
+                assembler.add(chunk)
+        else:
+            for chunk in chunks:  # type: ignore[union-attr]
+                assembler.add(chunk)
+        done = True
+    except grpc.RpcError as e:
+        raise _rpc_error(e, assembler) from e
+    finally:
+        # NOTE: a rejected chunk leaves the RPC open; cancel it so the producer stops sending.
+        cancel = getattr(chunks, "cancel", None)
+        if not done and callable(cancel):
+            cancel()
+    return assembler.finish()
