@@ -174,9 +174,9 @@ class LLMEngine:
     def run_to_completion(self) -> dict[str, CompletedRequest]:
         """Step until every request has finished; accumulate their outputs (offline use)."""
         done: dict[str, CompletedRequest] = {}
+        unfinished = [*self.scheduler.requests.values(), *self._aborted]
         pending = {
-            rid: CompletedRequest(rid, r.prompt_token_ids)
-            for rid, r in self.scheduler.requests.items()
+            r.request_id: CompletedRequest(r.request_id, r.prompt_token_ids) for r in unfinished
         }
         while self.has_unfinished_requests:
             for out in self.step():

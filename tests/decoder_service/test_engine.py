@@ -1,0 +1,282 @@
+"""LLMEngine end to end on the tiny checkpoint, against transformers' greedy ``generate``.
+
+Sixteen mixed requests (text, images of different sizes, two images in one prompt, videos,
+shared prefixes, an exact repeat) must give the same tokens batched, alone, preempted, with a
+7-token step budget, and as transformers generates them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_reference import PromptSpec, draw_image, write_video
+
+from decoder_service.engine.config import CacheConfig, EngineConfig, MediaLimits, SchedulerConfig
+from decoder_service.engine.engine import CompletedRequest, LLMEngine
+from decoder_service.engine.errors import (
+    DuplicateRequestError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    KVCapacityError,
+    MediaSpanError,
+    PromptTooLongError,
+    TooManyMediaError,
+)
+from decoder_service.engine.request import MediaItem
+from decoder_service.engine.sampling_params import SamplingParams
+
+PREFIX = "Read the following question carefully and answer it in one short sentence. " * 3
+
+
+@pytest.fixture(scope="module")
+def specs(reference, tmp_path_factory) -> list[tuple[PromptSpec, int]]:
+    d = tmp_path_factory.mktemp("media")
+    im = [
+        draw_image(*wh, seed)
+        for seed, wh in enumerate([(90, 60), (200, 120), (40, 300), (160, 160), (300, 220)])
+    ]
+    va = write_video(d / "a.mp4", frames=12, fps=6)
+    vb = write_video(d / "b.mp4", frames=20, fps=5, width=96, height=64)
+    prompts = [
+        [("text", "Hello there")],
+        [("text", PREFIX + "What colour is the sky?")],
+        [("text", PREFIX + "How many legs does a cat have?")],
+        [("image", im[0]), ("text", "What is this?")],
+        [("image", im[0]), ("text", "What is this?")],  # exact repeat of the previous one
+        [("image", im[1]), ("text", "Describe the picture in detail.")],
+        [("image", im[2]), ("text", "Is this tall?")],
+        [("image", im[3]), ("text", "Compare with"), ("image", im[0])],
+        [("video", va), ("text", "Describe the video.")],
+        [("video", vb), ("text", "What happens?")],
+        [("text", "Look at this: "), ("image", im[1])],
+        [("image", im[0]), ("text", "A different question about it.")],
+        [("image", im[4]), ("text", "Count the squares.")],
+        [("text", PREFIX + "Name a prime number.")],
+        [("video", va), ("text", "Another question about the clip.")],
+        [("image", im[1]), ("image", im[2]), ("text", "Which is wider?")],
+    ]
+    return [(reference.build(p), 5 + i % 4) for i, p in enumerate(prompts)]
+
+
+@pytest.fixture(scope="module")
+def expected(reference, specs) -> list[list[int]]:
+    return [reference.generate(spec, n) for spec, n in specs]
+
+
+def make_engine(ours, block_size=16, num_blocks=512, media=MediaLimits(), **sched) -> LLMEngine:
+    model, model_config, tok = ours
+    config = EngineConfig(
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        scheduler=SchedulerConfig(**{"max_num_batched_tokens": 2048, **sched}),
+        media=media,
+    )
+    return LLMEngine(model, model_config, config, tok)
+
+
+def add(engine: LLMEngine, rid: str, spec: PromptSpec, params: SamplingParams, with_embeds=True):
+    items = spec.fresh_items()
+    if not with_embeds:
+        for item in items:
+            item.embeds = None
+    return engine.add_request(rid, spec.prompt_ids, params, items, spec.positions, spec.rope_delta)
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n)
+
+
+def run_batch(engine: LLMEngine, specs) -> list[list[int]]:
+    for i, (spec, n) in enumerate(specs):
+        add(engine, str(i), spec, greedy(n))
+    done = engine.run_to_completion()
+    assert engine.kv.pool.num_free_blocks == engine.kv.num_blocks  # nothing leaked
+    return [done[str(i)].token_ids for i in range(len(specs))]
+
+
+def test_batch_equals_alone_equals_transformers(ours, specs, expected):
+    assert any(item.modality == "video" for spec, _ in specs for item in spec.items)
+    batched = run_batch(make_engine(ours), specs)
+    engine = make_engine(ours)
+    alone = [run_batch(engine, [s])[0] for s in specs]
+    assert alone == expected
+    assert batched == expected
+
+
+def test_preemption_with_a_small_pool_gives_identical_outputs(ours, specs, expected):
+    largest = max(-(-(len(s.prompt_ids) + n) // 4) for s, n in specs)
+    engine = make_engine(ours, block_size=4, num_blocks=largest + 4)
+    assert run_batch(engine, specs) == expected
+    assert engine.scheduler.num_preemptions > 0
+
+
+def test_chunked_prefill_with_a_7_token_budget_gives_identical_outputs(ours, specs, expected):
+    # chunks cut through images and video frame groups at arbitrary places
+    engine = make_engine(ours, block_size=4, max_num_batched_tokens=7)
+    assert run_batch(engine, specs) == expected
+
+
+def test_prefix_cache_shares_the_same_image_not_a_different_one(ours, reference):
+    same_a = reference.build([("image", draw_image(90, 60, 0)), ("text", "What is this?")])
+    same_b = reference.build([("image", draw_image(90, 60, 0)), ("text", "What is this?")])
+    other = reference.build([("image", draw_image(90, 60, 9)), ("text", "What is this?")])
+    assert same_a.prompt_ids == other.prompt_ids  # identical tokens, only the pixels differ
+    engine = make_engine(ours, block_size=4)
+    results = {}
+    for rid, spec in (("first", same_a), ("repeat", same_b), ("other", other)):
+        add(engine, rid, spec, greedy(4))
+        results |= engine.run_to_completion()
+    n = len(same_a.prompt_ids)
+    assert results["first"].num_cached_tokens == 0
+    assert results["repeat"].num_cached_tokens == (n - 1) // 4 * 4
+    image_start = other.items[0].offset
+    assert results["other"].num_cached_tokens <= image_start // 4 * 4
+    assert results["other"].token_ids == reference.generate(other, 4)
+
+
+def test_embeddings_arriving_after_admission(ours, specs, expected):
+    engine = make_engine(ours, block_size=4, max_num_batched_tokens=16)
+    spec, n = specs[8]  # a video
+    text_spec, text_n = specs[0]
+    add(engine, "late", spec, greedy(n), with_embeds=False)
+    add(engine, "text", text_spec, greedy(text_n))
+    outputs = {}
+    for _ in range(3):
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert outputs.get("text")  # not blocked by the request waiting for media
+    assert "late" not in outputs
+    engine.attach_media("late", 0, spec.items[0].embeds)
+    done = engine.run_to_completion()
+    assert outputs["text"] + done.get("text", CompletedRequest("", [])).token_ids == expected[0]
+    assert done["late"].token_ids == expected[8]
+
+
+def test_seeded_sampling_is_reproducible_across_batches(ours, specs):
+    def sample(seed: int, batch: list[int]) -> list[int]:
+        engine = make_engine(ours, max_num_batched_tokens=32)
+        for i in batch:
+            add(
+                engine,
+                str(i),
+                specs[i][0],
+                SamplingParams(temperature=1.5, max_tokens=12, seed=seed + i, ignore_eos=True),
+            )
+        return engine.run_to_completion()["3"].token_ids
+
+    first = sample(7, [3])
+    assert sample(7, [0, 3, 8, 12]) == first
+    assert sample(8, [3]) != first
+
+
+def test_stop_strings_cut_the_text(ours, specs):
+    spec = specs[1][0]
+    engine = make_engine(ours)
+    add(engine, "full", spec, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    full = engine.run_to_completion()["full"]
+    text = full.text
+    # a stop string that first appears somewhere after the start of the text
+    stop = next(
+        text[i : i + 3]
+        for i in range(2, len(text) - 3)
+        if text.find(text[i : i + 3]) == i and text[i : i + 3].strip()
+    )
+    add(
+        engine,
+        "stopped",
+        spec,
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop]),
+    )
+    out = engine.run_to_completion()["stopped"]
+    assert out.text == text[: text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+
+
+def test_bad_inputs_rejected_with_typed_errors_while_others_continue(ours, specs, expected):
+    engine = make_engine(
+        ours, num_blocks=24, max_model_len=512, media=MediaLimits(max_images=1, max_videos=1)
+    )
+    good = [0, 3, 8]
+    for i in good:
+        add(engine, str(i), specs[i][0], greedy(specs[i][1]))
+    first = engine.step()
+    text_spec = specs[0][0]
+    ids = text_spec.prompt_ids
+    cases = [
+        (PromptTooLongError, lambda: engine.add_request("long", ids * 200)),
+        (TooManyMediaError, lambda: add(engine, "two", specs[7][0], greedy(4))),
+        (KVCapacityError, lambda: engine.add_request("huge", ids, SamplingParams(max_tokens=2000))),
+        (
+            InvalidSamplingParamsError,
+            lambda: engine.add_request("t", ids, SamplingParams(temperature=-1)),
+        ),
+        (
+            InvalidSamplingParamsError,
+            lambda: engine.add_request("p", ids, SamplingParams(top_p=0.0)),
+        ),
+        (
+            InvalidSamplingParamsError,
+            lambda: engine.add_request("m", ids, SamplingParams(max_tokens=0)),
+        ),
+        (DuplicateRequestError, lambda: engine.add_request("0", ids)),
+        (InvalidRequestError, lambda: engine.add_request("oov", ids + [10**6])),
+        (InvalidRequestError, lambda: engine.add_request("empty", [])),
+        (
+            MediaSpanError,
+            lambda: engine.add_request(
+                "shape",
+                specs[3][0].prompt_ids,
+                greedy(2),
+                [
+                    MediaItem(it.content_hash, it.spans, it.modality, torch.zeros(1, 64))
+                    for it in specs[3][0].items
+                ],
+                specs[3][0].positions,
+                specs[3][0].rope_delta,
+            ),
+        ),
+        (
+            MediaSpanError,
+            lambda: engine.add_request(
+                "span", ids, greedy(2), [MediaItem.contiguous("x", len(ids) - 1, 5)]
+            ),
+        ),
+    ]
+    for error, call in cases:
+        with pytest.raises(error):
+            call()
+    assert set(engine.scheduler.requests) == {str(i) for i in good}
+    done = engine.run_to_completion()
+    tokens = {
+        i: [t for o in first if o.request_id == str(i) for t in o.new_token_ids] for i in good
+    }
+    for i in good:
+        assert tokens[i] + done[str(i)].token_ids == expected[i]
+
+
+def test_abort_frees_blocks_and_reports_abort(ours, specs):
+    engine = make_engine(ours)
+    add(engine, "a", specs[5][0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    add(engine, "b", specs[0][0], greedy(3))
+    engine.step()
+    assert engine.abort_request("a")
+    assert not engine.abort_request("a")
+    done = engine.run_to_completion()
+    assert done["a"].finish_reason == "abort"
+    assert len(done["b"].token_ids) > 0
+    assert engine.kv.pool.num_free_blocks == engine.kv.num_blocks
+
+
+def test_logprobs_returned_per_token(ours, specs):
+    engine = make_engine(ours)
+    add(
+        engine,
+        "a",
+        specs[3][0],
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=True, top_logprobs=2),
+    )
+    out = engine.run_to_completion()["a"]
+    assert len(out.logprobs) == len(out.token_ids) == 4
+    for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
+        assert lp.top[0][0] == tok and lp.logprob == pytest.approx(lp.top[0][1])
+        assert lp.top[0][1] >= lp.top[1][1]
