@@ -22,6 +22,9 @@ class MediaHTTP:
     port: int
     routes: dict[str, bytes] = field(default_factory=dict)
     release: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    delayed_now: int = 0  # /delay requests being served right now
+    delayed_max: int = 0  # the most seen at once
 
     def url(self, path: str, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{self.port}{path}"
@@ -45,6 +48,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Location", "/loop")
             self.send_header("Content-Length", "0")
             self.end_headers()
+        elif path == "/delay":  # /delay?<route>: that route's bytes after 0.2 s, counting overlap
+            media = self.media
+            with media.lock:
+                media.delayed_now += 1
+                media.delayed_max = max(media.delayed_max, media.delayed_now)
+            threading.Event().wait(0.2)
+            with media.lock:
+                media.delayed_now -= 1
+            self._send(media.routes[query])
         elif path == "/slow":
             self.media.release.wait(5.0)  # bounded: released at teardown
             self._send(b"late")

@@ -1,0 +1,63 @@
+"""Loads the vision tower (no LLM weights) and exposes it as the batcher's encode function.
+
+Contract: ``load_tower(ModelLoad)`` returns a ``LoadedTower`` holding the checkpoint's model and
+processor configs and ``encode(pixel_values [N, patch_dim], grid_thw [M, 3]) -> [N/4, H]`` on the
+chosen device and dtype. ``resolve_device`` / ``resolve_dtype`` turn the "auto" settings into
+concrete ones. Batching, caching and serving do not belong here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from encoder_service.config import ModelLoad
+from models.glm4v.config import ModelConfig, load_model_config
+from models.glm4v.loader import load_model
+from models.glm4v.processing.processor_config import ProcessorConfig, load_processor_config
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, model: ModelConfig, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # CPU kernels for half types are slow and CPU serving is for tests: keep float32 there.
+        name = "float32" if device.type == "cpu" else model.torch_dtype
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class LoadedTower:
+    model_config: ModelConfig
+    processor: ProcessorConfig
+    tower: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+
+    def encode(
+        self,
+        pixel_values: torch.Tensor,  # [N, patch_dim] float32, cpu
+        grid_thw: torch.Tensor,  # [M, 3] int64
+    ) -> torch.Tensor:  # [N / merge**2, out_hidden] self.dtype on self.device
+        x = pixel_values.to(self.device, self.dtype, non_blocking=True)
+        return self.tower(x, grid_thw)
+
+
+def load_tower(load: ModelLoad) -> LoadedTower:
+    model_config = load_model_config(load.model_path)
+    processor = load_processor_config(load.model_path)
+    device = resolve_device(load.device)
+    dtype = resolve_dtype(load.dtype, model_config, device)
+    model = load_model(load.model_path, dtype, device, load.load_format, vision=True, text=False)
+    if model.visual is None:
+        raise RuntimeError("the loaded model has no vision tower")
+    return LoadedTower(model_config, processor, model.visual, device, dtype)
