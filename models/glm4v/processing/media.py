@@ -6,7 +6,9 @@ Contract:
   a decompression bomb fails cheaply. EXIF orientation is applied; transparency is composited onto
   white and other modes (P, L, CMYK, ...) converted to RGB, as transformers' image processors do.
 - ``decode_video(data, sampling, limits)`` -> ``DecodedVideo(frames, meta, frame_indices)`` using
-  PyAV: reads the container metadata (fps, frame count, duration = frames / fps, as transformers'
+  PyAV. Only MP4/MOV, Matroska/WebM and AVI containers are opened, recognised from their magic
+  bytes, and the demuxer is forced to the recognised one (no format probing, so playlist-style
+  demuxers that open further URLs or files are never reached). It reads the container metadata (fps, frame count, duration = frames / fps, as transformers'
   PyAV loader does), picks frames with ``video.sample_frames`` and decodes only up to the last
   frame it needs, converting only the picked frames to RGB.
 Failures raise ``ImageDecodeError`` / ``ImageSizeError`` / ``VideoDecodeError`` with messages
@@ -34,6 +36,7 @@ from models.glm4v.processing.video import VideoMeta, sample_frames
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
 DEFAULT_MAX_IMAGE_PIXELS = 64 * 1024 * 1024
+VIDEO_CONTAINERS = "MP4/MOV, WebM/Matroska, AVI"
 
 # What Pillow raises on malformed data while decoding (it has no single base class for this).
 _PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
@@ -95,8 +98,11 @@ def decode_video(
 ) -> DecodedVideo:
     if not data:
         raise VideoDecodeError("video data is empty")
+    fmt = _container_format(data)
+    if fmt is None:
+        raise VideoDecodeError(f"unsupported video container (allowed: {VIDEO_CONTAINERS})")
     try:
-        container = av.open(io.BytesIO(data), mode="r")
+        container = av.open(io.BytesIO(data), mode="r", format=fmt)
     except _AV_ERRORS as exc:
         raise VideoDecodeError("data is not a decodable video container") from exc
     with container:
@@ -107,6 +113,17 @@ def decode_video(
         indices = sample_frames(meta, sampling, temporal_patch_size)
         frames = _decode_picked(container, stream, indices, meta, limits)
     return DecodedVideo(frames=frames, meta=meta, frame_indices=indices)
+
+
+def _container_format(data: bytes) -> str | None:
+    """The demuxer for ``data`` by magic bytes, or None when it is not an allowed container."""
+    if data[4:8] in (b"ftyp", b"moov", b"mdat", b"free", b"wide", b"skip"):
+        return "mov"  # ISO base media: mp4, mov, m4v, 3gp
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "matroska"  # also WebM
+    if data[:4] == b"RIFF" and data[8:12] == b"AVI ":
+        return "avi"
+    return None
 
 
 def _read_meta(container, stream, limits: VideoLimits) -> VideoMeta:
