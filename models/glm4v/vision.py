@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.glm4v.config import VisionConfig
+from models.layers.norm import RMSNorm
 
 try:  # optional GPU dependency
     from flash_attn import flash_attn_varlen_func  # type: ignore
@@ -27,20 +28,6 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_varlen_func = None
 
 VISION_ROPE_THETA = 10000.0
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, dim]
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        # cast back before the weight multiply, as the reference does
-        return self.weight * xf.to(dtype)
 
 
 class PatchEmbed(nn.Module):
