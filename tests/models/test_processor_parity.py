@@ -179,6 +179,14 @@ def _conversations():
          "tools": TOOLS, "enable_thinking": False},
         ["image"],
     )  # fmt: skip
+    yield (
+        {"messages": [{"role": "user", "content": [{"type": "video"}, q]},
+                      {"role": "assistant", "content": "Let me check.", "tool_calls": [{"function": call}],
+                       "reasoning_content": "The user wants weather."},
+                      {"role": "tool", "content": "sunny"}, {"role": "tool", "content": "warm"}],
+         "tools": TOOLS},
+        ["video"],
+    )  # fmt: skip
 
 
 def _openai_style(messages):
@@ -189,12 +197,14 @@ def _openai_style(messages):
             if part.get("type") in ("image", "video"):
                 kind = part.pop("type")
                 part.update({"type": f"{kind}_url", f"{kind}_url": {"url": "https://x/y"}})
+        if "reasoning_content" in m:  # newer clients name it "reasoning"
+            m["reasoning"] = m.pop("reasoning_content")
         for call in m.get("tool_calls", []):
             call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
     return out
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_expanded_prompt_matches_reference(pair, tmp_path, case):
     from transformers.video_utils import VideoMetadata
 

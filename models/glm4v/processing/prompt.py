@@ -31,6 +31,7 @@ from models.glm4v.errors import ConfigError, GlimpseModelError
 
 IMAGE_PLACEHOLDER = "<|image|>"
 VIDEO_PLACEHOLDER = "<|video|>"
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _MEDIA_TYPES = {"image": "image", "image_url": "image", "video": "video", "video_url": "video"}
 
 
@@ -149,6 +150,10 @@ def normalize_messages(
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
             raise PromptError(f"message {idx} must be an object with a string 'role'")
         out = {k: v for k, v in msg.items() if k not in ("content", "tool_calls")}
+        # reasoning may arrive under older names; templates read reasoning_content (as transformers)
+        reasoning = next((msg[k] for k in _REASONING_FIELDS if msg.get(k) is not None), None)
+        if reasoning is not None:
+            out = {"thinking": reasoning, **out, "reasoning_content": reasoning}
         out["content"] = _content(msg.get("content"), idx, media)
         if msg.get("tool_calls"):
             out["tool_calls"] = [_tool_call(tc, idx) for tc in msg["tool_calls"]]
