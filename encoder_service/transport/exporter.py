@@ -58,6 +58,12 @@ class ExporterConfig:
     stream_checksum: bool = True  # CRC32 per chunk (costs ~1 ms per MiB per side on slow cores)
     ipc_library: str | None = None  # "cupy" | "torch"; None prefers cupy when importable
 
+    def __post_init__(self) -> None:
+        if self.pool_bytes < 0 or self.block_bytes <= 0 or self.ttl_s <= 0:
+            raise ValueError("pool_bytes >= 0, block_bytes > 0 and ttl_s > 0 are required")
+        if self.ipc_library not in (None, "cupy", "torch"):
+            raise ValueError(f"unknown IPC library {self.ipc_library!r}")
+
 
 class _Pool(Protocol):
     kind: str

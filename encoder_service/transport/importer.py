@@ -33,7 +33,7 @@ import torch
 from encoder_service.transport import metrics
 from encoder_service.transport.control_block import ControlBlock
 from encoder_service.transport.cuda_ipc_pool import CudaIpcPoolView
-from encoder_service.transport.descriptor import EmbeddingLocation, TransportPath
+from encoder_service.transport.descriptor import PATHS, EmbeddingLocation, TransportPath
 from encoder_service.transport.errors import (
     DescriptorError,
     PoolOpenError,
@@ -55,6 +55,10 @@ class ImporterConfig:
     device: str = "cpu"  # the decoder's device: pools are opened and copied on it
     force_path: TransportPath | None = None  # None = decide by host identity
     keep_on_device: bool = True  # False: move fetched features to host memory until prefill
+
+    def __post_init__(self) -> None:
+        if self.force_path is not None and self.force_path not in PATHS:
+            raise ValueError(f"force_path must be one of {PATHS}, not {self.force_path!r}")
 
 
 class _PoolView(Protocol):
@@ -96,9 +100,8 @@ class EmbeddingImporter:
             if path != "grpc_stream":
                 try:
                     return self.fetch_local(location)
-                except PoolOpenError as e:
+                except PoolOpenError:
                     self.stats.open_fallbacks += 1
-                    log.warning("streaming %s instead: %s", location.embedding_id, e)
             if grpc_fetch_fn is None:
                 raise PoolUnavailableError(
                     f"embedding {location.embedding_id} needs grpc_stream, but no stream is set up"
@@ -134,6 +137,7 @@ class EmbeddingImporter:
             try:
                 view = self._open(pool_id, path)
             except PoolOpenError as e:
+                log.warning("pool %s cannot be opened here, streaming its items: %s", pool_id, e)
                 self._unopenable[pool_id] = str(e)
                 raise
             self._views[pool_id] = view

@@ -237,3 +237,37 @@ def test_path_follows_host_identity_and_the_force_flag(local):
             got = asyncio.run(importer.fetch(loc, _stream_from(exporter)))
             assert torch.equal(got, seeded_embedding(ROWS, HIDDEN, 3))
             assert dict(importer.stats.fetches) == {path: 1}
+
+
+def test_pool_this_process_cannot_open_falls_back_to_the_stream_once_counted():
+    # A cuda_ipc pool seen from a process without CUDA: the handle cannot be opened, so the
+    # importer streams instead, remembers the pool as unopenable, and counts the fallbacks.
+    from encoder_service.transport.control_block import ControlBlock
+    from encoder_service.transport.host import local_host
+    from encoder_service.transport.stream import split_chunks
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a process without CUDA")
+    expected = seeded_embedding(ROWS, HIDDEN, 11)
+    meta = {"kind": "cuda_ipc", "block_bytes": 4096, "owner_pid": 0, "pid_ns": "unknown"}
+    meta.update(host_id=local_host().key, ipc={"library": "torch"})
+    control = ControlBlock.create("glimpse-test-nocuda", meta, 4, 4 * 4096, with_data=False)
+    try:
+        loc = EmbeddingLocation(
+            path="cuda_ipc",
+            key=EmbeddingKey("glimpse-test-nocuda", 0, 5),
+            host=local_host(),
+            offset=0,
+            nbytes=expected.numel() * 2,
+            dtype="bfloat16",
+            shape=tuple(expected.shape),
+        )
+        data = expected.view(torch.uint8).numpy().tobytes()
+        with EmbeddingImporter() as importer:
+            for _ in range(2):
+                got = asyncio.run(importer.fetch(loc, lambda _loc: split_chunks(data, 1024)))
+                assert torch.equal(got, expected)
+            assert importer.stats.open_fallbacks == 2
+            assert dict(importer.stats.fetches) == {"grpc_stream": 2}
+    finally:
+        control.close()
