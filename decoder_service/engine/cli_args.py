@@ -1,0 +1,134 @@
+"""Engine flags shared by every command that runs an ``LLMEngine`` (``generate``, ``decoder``).
+
+Contract: ``add_engine_arguments(parser)`` adds the flags with defaults read from the config
+dataclasses; ``engine_config_from_args(args)`` builds the frozen ``EngineConfig`` back from them.
+``parse_mm_limits`` accepts ``image=4,video=1`` or the JSON ``{"image": 4, "video": 1}``.
+Resolving ``auto`` device/dtype against the machine is ``resolve_device`` / ``resolve_dtype``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from decoder_service.engine.config import (
+    CPU_DEFAULT_NUM_BLOCKS,
+    DTYPES,
+    CacheConfig,
+    EngineConfig,
+    LoadConfig,
+    MediaLimits,
+    SchedulerConfig,
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    load, cache, sched, media = LoadConfig(), CacheConfig(), SchedulerConfig(), MediaLimits()
+    g = parser.add_argument_group("model")
+    g.add_argument("--model-path", required=True, help="checkpoint directory (HF format)")
+    g.add_argument("--dtype", choices=DTYPES, default=load.dtype, help="weights and activations")
+    g.add_argument("--device", default=load.device, help="cuda, cuda:N, cpu or auto")
+    g.add_argument(
+        "--load-format",
+        choices=("auto", "safetensors", "dummy"),
+        default=load.load_format,
+        help="dummy = random weights (benchmarks without a download)",
+    )
+    g = parser.add_argument_group("KV cache and scheduling")
+    g.add_argument("--block-size", type=int, default=cache.block_size, help="tokens per KV block")
+    g.add_argument(
+        "--num-blocks",
+        type=int,
+        default=cache.num_blocks,
+        help=f"fixed KV pool size in blocks (CPU default {CPU_DEFAULT_NUM_BLOCKS}; GPU: from memory)",
+    )
+    g.add_argument(
+        "--mem-fraction-static",
+        "--gpu-memory-utilization",
+        type=float,
+        default=cache.mem_fraction_static,
+        help="GPU: share of the memory left after weights and activations that the KV pool takes",
+    )
+    g.add_argument("--disable-prefix-caching", action="store_true")
+    g.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=sched.max_num_batched_tokens,
+        help="tokens computed per step across all requests",
+    )
+    g.add_argument(
+        "--chunked-prefill-size",
+        type=int,
+        default=sched.chunked_prefill_size,
+        help="prefill tokens per request per step (default: the step budget)",
+    )
+    g.add_argument("--max-running-requests", type=int, default=sched.max_running_requests)
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        default=sched.max_model_len,
+        help="prompt + output tokens (default: the checkpoint's max_position_embeddings)",
+    )
+    g.add_argument(
+        "--limit-mm-per-prompt",
+        type=parse_mm_limits,
+        default=media,
+        help=f"e.g. image={media.max_images},video={media.max_videos}",
+    )
+
+
+def parse_mm_limits(text: str) -> MediaLimits:
+    try:
+        raw = (
+            json.loads(text)
+            if text.strip().startswith("{")
+            else dict(kv.split("=", 1) for kv in text.split(",") if kv.strip())
+        )
+        counts = {k.strip(): int(v) for k, v in raw.items()}
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise argparse.ArgumentTypeError(f"bad --limit-mm-per-prompt {text!r}: {exc}") from exc
+    unknown = set(counts) - {"image", "video"}
+    if unknown or any(v < 0 for v in counts.values()):
+        raise argparse.ArgumentTypeError(f"bad --limit-mm-per-prompt {text!r}")
+    d = MediaLimits()
+    return MediaLimits(counts.get("image", d.max_images), counts.get("video", d.max_videos))
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        load=LoadConfig(
+            model_path=args.model_path,
+            dtype=args.dtype,
+            device=args.device,
+            load_format=args.load_format,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_blocks,
+            mem_fraction_static=args.mem_fraction_static,
+            enable_prefix_caching=not args.disable_prefix_caching,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            chunked_prefill_size=args.chunked_prefill_size,
+            max_running_requests=args.max_running_requests,
+            max_model_len=args.max_model_len,
+        ),
+        media=args.limit_mm_per_prompt,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]

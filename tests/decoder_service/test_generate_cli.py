@@ -1,0 +1,136 @@
+"""``glimpse generate`` end to end: our processor, vision tower and engine vs transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from engine_reference import draw_image, write_video
+
+from glimpse.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def hf_greedy(reference, parts: list[dict], media_kwargs: dict, max_new_tokens: int):
+    messages = [{"role": "user", "content": parts}]
+    text = reference.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    enc = dict(reference.processor(text=[text], return_tensors="pt", **media_kwargs))
+    enc.pop("attention_mask", None)
+    with torch.no_grad():
+        out = reference.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+    prompt = enc["input_ids"][0].tolist()
+    return prompt, out[0, len(prompt) :].tolist()
+
+
+def test_generate_with_an_image_matches_transformers(tiny_ckpt_45, reference, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "picture.png"
+    draw_image(120, 80, seed=3).save(path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "glimpse.cli",
+        "generate",
+        "--model-path",
+        str(tiny_ckpt_45),
+        "--prompt",
+        "What is in the picture?",
+        "--image",
+        str(path),
+        "--max-tokens",
+        "6",
+        "--temperature",
+        "0",
+        "--dtype",
+        "float32",
+        "--device",
+        "cpu",
+        "--num-blocks",
+        "64",
+        "--output-format",
+        "json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matmuls: threads only contend
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    parts = [{"type": "image"}, {"type": "text", "text": "What is in the picture?"}]
+    prompt, tokens = hf_greedy(reference, parts, {"images": [Image.open(path)]}, 6)
+    assert result["prompt_token_ids"] == prompt
+    assert result["token_ids"] == tokens
+    assert result["text"] == reference.processor.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_generate_with_a_video_matches_transformers(tiny_ckpt_45, reference, tmp_path, capsys):
+    from transformers.video_utils import load_video
+
+    path = write_video(tmp_path / "clip.mp4", frames=12, fps=6)
+    rc = main(
+        [
+            "generate",
+            "--model-path",
+            str(tiny_ckpt_45),
+            "--prompt",
+            "Describe the clip.",
+            "--video",
+            str(path),
+            "--max-tokens",
+            "5",
+            "--temperature",
+            "0",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--num-blocks",
+            "64",
+            "--output-format",
+            "json",
+        ]
+    )
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out)
+    frames, meta = load_video(str(path), backend="pyav")
+    parts = [{"type": "video"}, {"type": "text", "text": "Describe the clip."}]
+    media = {"videos": [frames], "video_metadata": [meta]}
+    prompt, tokens = hf_greedy(reference, parts, media, 5)
+    assert result["prompt_token_ids"] == prompt
+    assert result["token_ids"] == tokens
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image", "/nonexistent/picture.png"], "picture.png"),
+        (["--temperature", "-1"], "temperature"),
+        (["--max-tokens", "0"], "max_tokens"),
+    ],
+)
+def test_bad_input_exits_with_status_2(tiny_ckpt_45, capsys, extra, message):
+    rc = main(
+        [
+            "generate",
+            "--model-path",
+            str(tiny_ckpt_45),
+            "--prompt",
+            "hi",
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--num-blocks",
+            "16",
+            *extra,
+        ]
+    )
+    assert rc == 2
+    assert message in capsys.readouterr().err
