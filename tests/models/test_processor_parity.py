@@ -187,6 +187,14 @@ def _conversations():
          "tools": TOOLS},
         ["video"],
     )  # fmt: skip
+    shot = [{"type": "text", "text": "screenshot:"}, {"type": "image"}]
+    yield (
+        {"messages": [{"role": "user", "content": "Open the page."},
+                      {"role": "assistant", "content": "", "tool_calls": [{"function": call}]},
+                      {"role": "tool", "content": shot}],
+         "tools": TOOLS},
+        ["image"],
+    )  # fmt: skip
 
 
 def _openai_style(messages):
@@ -204,7 +212,7 @@ def _openai_style(messages):
     return out
 
 
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(7))
 def test_expanded_prompt_matches_reference(pair, tmp_path, case):
     from transformers.video_utils import VideoMetadata
 
