@@ -64,11 +64,11 @@ class FakeDecoder(decoder_pb2_grpc.DecoderServicer):
 
     # --- control -------------------------------------------------------------------------------
 
-    def start(self) -> int:
+    def start(self, port: int = 0) -> int:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
         decoder_pb2_grpc.add_DecoderServicer_to_server(self, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
         self._server.start()
         self.set_serving(True)
         return self.port
