@@ -5,7 +5,8 @@ Contract: ``add_request`` validates everything a caller controls and raises a ty
 ``step()`` is one iteration: schedule -> execute -> update -> outputs; it returns one
 ``RequestOutput`` per request that produced a token or finished in that step. ``attach_media``
 delivers embeddings that arrive after admission; ``abort_request`` ends a request and frees its
-blocks. The engine is single-threaded: callers serialise add/abort/step. Loading weights,
+blocks. ``stats()`` reports queue lengths, KV usage, preemptions and prefix-cache counters.
+The engine is single-threaded: callers serialise add/abort/step. Loading weights,
 chat templates and media decoding belong to the callers (``generate.py``, the decoder service).
 """
 
@@ -22,11 +23,7 @@ from decoder_service.engine.config import CPU_DEFAULT_NUM_BLOCKS, EngineConfig
 from decoder_service.engine.detokenizer import IncrementalDetokenizer
 from decoder_service.engine.errors import (
     DuplicateRequestError,
-    InvalidRequestError,
-    KVCapacityError,
     MediaSpanError,
-    PromptTooLongError,
-    TooManyMediaError,
     UnknownRequestError,
 )
 from decoder_service.engine.kv_cache_manager import KVCacheManager
@@ -34,6 +31,7 @@ from decoder_service.engine.model_runner import ModelRunner, RunnerOutput, Token
 from decoder_service.engine.request import MediaItem, Request, RequestStatus
 from decoder_service.engine.sampling_params import SamplingParams
 from decoder_service.engine.scheduler import Scheduler
+from decoder_service.engine.validation import RequestValidator
 from models.glm4v.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -68,7 +66,20 @@ class CompletedRequest:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    num_running: int  # requests holding KV blocks
+    num_waiting: int  # queued, preempted or waiting for media
+    kv_usage: float  # fraction of KV blocks referenced by requests (0..1)
+    num_blocks: int  # KV pool size
+    num_preemptions: int  # since start
+    prefix_queries: int  # prompt tokens looked up in the prefix cache, since start
+    prefix_hits: int  # of which found
+
+
 class LLMEngine:
+    # NOTE: the runner binds its KV tensors to the model's attention layers, so a model serves
+    # one engine at a time; building a second engine on the same model retires the first.
     def __init__(
         self,
         model: torch.nn.Module,
@@ -100,6 +111,15 @@ class LLMEngine:
             num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv, self.max_model_len)
+        self.validator = RequestValidator(
+            vocab_size=model_config.text.vocab_size,
+            hidden_size=model_config.text.hidden_size,
+            max_model_len=self.max_model_len,
+            media=config.media,
+            num_blocks=num_blocks,
+            block_size=config.cache.block_size,
+            has_tokenizer=tokenizer is not None,
+        )
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._aborted: list[Request] = []
 
@@ -117,7 +137,9 @@ class LLMEngine:
         params = sampling_params or SamplingParams()
         prompt = [int(t) for t in prompt_token_ids]
         items = sorted(mm_items, key=lambda it: it.offset)
-        self._validate(request_id, prompt, params, items, mrope_positions)
+        if request_id in self.scheduler.requests:
+            raise DuplicateRequestError(f"request id {request_id!r} is in flight", "request_id")
+        self.validator.check(prompt, params, items, mrope_positions)
         for item in items:
             if item.embeds is not None:
                 item.embeds = self._to_device(item.embeds)
@@ -147,7 +169,7 @@ class LLMEngine:
         if not 0 <= index < len(req.mm_items):
             raise MediaSpanError(f"request {request_id} has no media item {index}", "mm_items")
         item = req.mm_items[index]
-        self._check_embeds(item, embeds)
+        self.validator.check_embeds(item, embeds)
         item.embeds = self._to_device(embeds)
 
     def abort_request(self, request_id: str) -> bool:
@@ -162,6 +184,17 @@ class LLMEngine:
     @property
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished or bool(self._aborted)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.kv.usage,
+            num_blocks=self.kv.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_queries=self.kv.prefix_queries,
+            prefix_hits=self.kv.prefix_hits,
+        )
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -225,67 +258,7 @@ class LLMEngine:
             logprobs=logprobs,
         )
 
-    # ---- validation ----------------------------------------------------------------------------
-
-    def _validate(self, request_id, prompt, params, items, mrope_positions) -> None:
-        if request_id in self.scheduler.requests:
-            raise DuplicateRequestError(
-                f"request id {request_id!r} is already running", "request_id"
-            )
-        vocab = self.model_config.text.vocab_size
-        if not prompt:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        params.validate(vocab)
-        if params.stop and self.tokenizer is None:
-            raise InvalidRequestError("stop strings need a tokenizer", "stop")
-        if len(prompt) + 1 > self.max_model_len:
-            raise PromptTooLongError(
-                f"prompt has {len(prompt)} tokens; max_model_len {self.max_model_len} leaves no room "
-                "for a generated token",
-                "prompt",
-            )
-        limits = self.config.media
-        for modality, limit in (("image", limits.max_images), ("video", limits.max_videos)):
-            count = sum(1 for it in items if it.modality == modality)
-            if count > limit:
-                raise TooManyMediaError(
-                    f"{count} {modality}s in the prompt; the limit is {limit}", "messages"
-                )
-        prev_end = 0
-        for item in items:
-            if item.modality not in ("image", "video") or not item.spans:
-                raise MediaSpanError(f"bad media item {item.content_hash!r}", "mm_items")
-            for a, b in item.spans:
-                if not prev_end <= a < b <= len(prompt):
-                    raise MediaSpanError(
-                        f"media span [{a}, {b}) overlaps or leaves the prompt", "mm_items"
-                    )
-                prev_end = b
-            if item.embeds is not None:
-                self._check_embeds(item, item.embeds)
-        if mrope_positions is not None and tuple(mrope_positions.shape) != (3, len(prompt)):
-            raise InvalidRequestError(
-                f"mrope_positions must be [3, {len(prompt)}], got {list(mrope_positions.shape)}",
-                "prompt",
-            )
-        total = min(len(prompt) + params.max_tokens, self.max_model_len)
-        if self.kv.blocks_for(total) > self.kv.num_blocks:
-            raise KVCapacityError(
-                f"prompt + max_tokens = {total} tokens need {self.kv.blocks_for(total)} KV blocks; the "
-                f"pool holds {self.kv.num_blocks}",
-                "max_tokens",
-            )
-
-    def _check_embeds(self, item: MediaItem, embeds: torch.Tensor) -> None:
-        hidden = self.model_config.text.hidden_size
-        if tuple(embeds.shape) != (item.num_embeds, hidden):
-            raise MediaSpanError(
-                f"media {item.content_hash!r} covers {item.num_embeds} tokens; got embeddings "
-                f"{list(embeds.shape)}, expected [{item.num_embeds}, {hidden}]",
-                "mm_items",
-            )
+    # ---- helpers ------------------------------------------------------------------------------
 
     def _to_device(self, embeds: torch.Tensor) -> torch.Tensor:
         return embeds.to(self.runner.device, self.runner.dtype)

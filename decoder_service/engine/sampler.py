@@ -120,11 +120,9 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     if (min_p > 0).any():
         floor = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
         probs = probs.masked_fill(probs < floor, 0.0)
-    noise = torch.empty_like(probs)
+    noise = torch.empty_like(probs).exponential_()
     for i, r in enumerate(rows):
-        if r.params.seed is None:
-            noise[i].exponential_()
-        else:
+        if r.params.seed is not None:
             gen = torch.Generator(device=device)
             gen.manual_seed((r.params.seed + _SEED_STRIDE * len(r.output_token_ids)) % 2**63)
             noise[i].exponential_(generator=gen)

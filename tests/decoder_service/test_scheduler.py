@@ -8,6 +8,7 @@ wrong slot or a prefix-cache block shared between different images changes the o
 from __future__ import annotations
 
 import hashlib
+import pickle
 
 import pytest
 
@@ -90,7 +91,8 @@ def run(
         out = sched.schedule()
         if check:
             check(out, sched)
-        sched.update_from_output(out, execu.execute(out))
+        # a worker rank gets the step as bytes: it must carry everything needed to execute it
+        sched.update_from_output(out, execu.execute(pickle.loads(pickle.dumps(out))))
     assert not sched.has_unfinished
     assert sched.kv.pool.num_free_blocks == num_blocks  # everything released
     return {r.request_id: r.output_token_ids for r in reqs}, sched
