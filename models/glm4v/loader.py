@@ -70,7 +70,7 @@ def load_model(
             raise CheckpointError(
                 f"checkpoint {model_path} lacks {len(missing)} required tensors, e.g. {missing[:5]}"
             )
-    return model.eval()
+    return model.requires_grad_(False).eval()
 
 
 def build_model(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.distributed import divide, get_tp_size, tensor_model_parallel_all_reduce
+from models.distributed import tensor_model_parallel_all_reduce
 from models.glm4v.config import TextConfig
 from models.layers.activation import SiluAndMul
 from models.layers.attention import Attention, AttentionMetadata
@@ -35,7 +35,6 @@ from models.layers.rotary import MRotaryEmbedding, RotaryCos
 class Glm4vMoeAttention(nn.Module):
     def __init__(self, cfg: TextConfig, dtype: torch.dtype | None) -> None:
         super().__init__()
-        tp = get_tp_size()
         self.head_dim = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size,
@@ -50,7 +49,6 @@ class Glm4vMoeAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False, dtype=dtype
         )
-        divide(cfg.num_attention_heads, tp, "attention heads")
         self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5)
 
     def forward(

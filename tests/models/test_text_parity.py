@@ -85,6 +85,20 @@ def test_prefill_logits_match_transformers(ckpt: Path) -> None:
 
 
 @torch.inference_mode()
+def test_bf16_matches_transformers_bf16(tiny_ckpt_46: Path) -> None:
+    """bf16 weights and activations, float32 router and norms: within a couple of bf16 ulps."""
+    hf = Glm4vMoeForConditionalGeneration.from_pretrained(tiny_ckpt_46, dtype=torch.bfloat16)
+    ours = load_model(tiny_ckpt_46, dtype=torch.bfloat16, device="cpu", vision=False)
+    bias = ours.language_model.layers[1].mlp.gate.e_score_correction_bias
+    assert bias.dtype == torch.float32
+    (ids,) = _prompts(ours.config.text.vocab_size, [24], seed=11)
+    ref = hf.eval()(input_ids=ids[None]).logits[0].float()
+    logits = ours.compute_logits(ours(ids, _text_positions(0, 24), AttentionMetadata.prefill([24])))
+    assert logits.dtype == torch.float32
+    assert (logits - ref).abs().max().item() <= 1e-2
+
+
+@torch.inference_mode()
 def test_flat_batch_equals_each_sequence_alone(tiny_ckpt_45: Path) -> None:
     ours = load_model(tiny_ckpt_45, dtype=torch.float32, device="cpu", vision=False)
     lens = [5, 12, 1, 9]
