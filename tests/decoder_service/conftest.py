@@ -15,6 +15,11 @@ def reference(tiny_ckpt_45: Path) -> Reference:
 
 
 @pytest.fixture(scope="session")
+def reference_46(tiny_ckpt_46: Path) -> Reference:
+    return Reference(tiny_ckpt_46)
+
+
+@pytest.fixture(scope="session")
 def ours(tiny_ckpt_45: Path):
     """(model, model config, tokenizer) of our implementation, text half only."""
     from tokenizers import Tokenizer

@@ -281,3 +281,30 @@ def test_logprobs_returned_per_token(ours, specs):
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
         assert lp.top[0][0] == tok and lp.logprob == pytest.approx(lp.top[0][1])
         assert lp.top[0][1] >= lp.top[1][1]
+
+
+@pytest.mark.gpu
+def test_gpu_engine_sizes_its_pool_from_memory_and_matches_reference(tiny_ckpt_45, specs, expected):
+    from tokenizers import Tokenizer
+
+    from models.glm4v.config import load_model_config
+    from models.glm4v.loader import load_model
+
+    model = load_model(tiny_ckpt_45, dtype=torch.float32, device="cuda", vision=False)
+    config = EngineConfig(cache=CacheConfig(num_blocks=None, mem_fraction_static=0.05))
+    tok = Tokenizer.from_file(str(tiny_ckpt_45 / "tokenizer.json"))
+    engine = LLMEngine(model, load_model_config(tiny_ckpt_45), config, tok)
+    assert engine.kv.num_blocks > 100
+    assert run_batch(engine, specs) == expected
+
+
+@pytest.mark.gpu
+def test_gpu_bfloat16_batch_runs_to_completion(tiny_ckpt_45, specs):
+    from models.glm4v.config import load_model_config
+    from models.glm4v.loader import load_model
+
+    model = load_model(tiny_ckpt_45, dtype=torch.bfloat16, device="cuda", vision=False)
+    config = EngineConfig(cache=CacheConfig(num_blocks=256, block_size=16))
+    engine = LLMEngine(model, load_model_config(tiny_ckpt_45), config)
+    outs = run_batch(engine, specs)
+    assert all(1 <= len(toks) <= n for toks, (_, n) in zip(outs, specs, strict=True))

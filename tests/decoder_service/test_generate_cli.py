@@ -70,15 +70,19 @@ def test_generate_with_an_image_matches_transformers(tiny_ckpt_45, reference, tm
     assert result["text"] == reference.processor.tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def test_generate_with_a_video_matches_transformers(tiny_ckpt_45, reference, tmp_path, capsys):
+@pytest.mark.parametrize("variant", ["glm4.5v", "glm4.6v"])
+def test_generate_with_a_video_matches_transformers(request, variant, tmp_path, capsys):
     from transformers.video_utils import load_video
 
+    suffix = "45" if variant == "glm4.5v" else "46"
+    ckpt = request.getfixturevalue(f"tiny_ckpt_{suffix}")
+    reference = request.getfixturevalue("reference" if suffix == "45" else "reference_46")
     path = write_video(tmp_path / "clip.mp4", frames=12, fps=6)
     rc = main(
         [
             "generate",
             "--model-path",
-            str(tiny_ckpt_45),
+            str(ckpt),
             "--prompt",
             "Describe the clip.",
             "--video",
@@ -113,9 +117,15 @@ def test_generate_with_a_video_matches_transformers(tiny_ckpt_45, reference, tmp
         (["--image", "/nonexistent/picture.png"], "picture.png"),
         (["--temperature", "-1"], "temperature"),
         (["--max-tokens", "0"], "max_tokens"),
+        (["--max-model-len", "8"], "max_model_len"),
+        (["--image", "{png}", "--image", "{png}", "--limit-mm-per-prompt", "image=1"], "limit"),
+        (["--max-tokens", "1000", "--num-blocks", "4"], "KV blocks"),
     ],
 )
-def test_bad_input_exits_with_status_2(tiny_ckpt_45, capsys, extra, message):
+def test_bad_input_exits_with_status_2(tiny_ckpt_45, tmp_path, capsys, extra, message):
+    png = tmp_path / "p.png"
+    draw_image(60, 60, seed=1).save(png)
+    extra = [a.format(png=png) for a in extra]
     rc = main(
         [
             "generate",
