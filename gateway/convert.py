@@ -79,7 +79,7 @@ def chat_request(
     if req.enable_thinking is not None:
         chat.enable_thinking = req.enable_thinking
     sampling = _sampling(req, req.output_limit, keep_special_tokens)
-    sampling.logprobs = req.logprobs
+    sampling.logprobs = bool(req.logprobs)
     sampling.top_logprobs = req.top_logprobs or 0
     if req.thinking_budget is not None:
         sampling.thinking_budget = req.thinking_budget
@@ -104,7 +104,9 @@ def _sampling(
     req: ChatCompletionRequest | CompletionRequest, max_tokens: int | None, keep_special: bool
 ) -> pb.SamplingParams:
     out = pb.SamplingParams(
-        stop=req.stop or [], stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos
+        stop=req.stop or [],
+        stop_token_ids=req.stop_token_ids or [],
+        ignore_eos=bool(req.ignore_eos),
     )
     for name in (
         "temperature",

@@ -62,6 +62,14 @@ class GatewayError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+class FieldError(ValueError):
+    """A cross-field validation failure that names the field to blame (reported as `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class DecoderError(Exception):
     """A Generate/GetModelInfo call ended with a non-OK gRPC status."""
 
@@ -182,6 +190,9 @@ def param_from_loc(loc: tuple[int | str, ...]) -> str | None:
 def from_validation(exc: pydantic.ValidationError | RequestValidationError) -> GatewayError:
     """The first validation problem as a 400 whose ``param`` is the offending field's path."""
     first = exc.errors()[0]
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        return GatewayError(400, str(cause), param=cause.param, code="invalid_value")
     loc = tuple(first.get("loc", ()))
     if isinstance(exc, RequestValidationError) and loc and loc[0] == "body":
         loc = loc[1:]

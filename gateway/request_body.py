@@ -16,7 +16,6 @@ import pydantic
 from fastapi import Request
 
 from gateway.errors import GatewayError, from_validation
-from gateway.schemas import FieldError
 
 T = TypeVar("T", bound=pydantic.BaseModel)
 
@@ -54,9 +53,4 @@ def parse_request(model: type[T], obj: dict[str, Any]) -> T:
     try:
         return model.model_validate(obj)
     except pydantic.ValidationError as exc:
-        ctx_error = (exc.errors()[0].get("ctx") or {}).get("error")
-        if isinstance(ctx_error, FieldError):
-            raise GatewayError(
-                400, str(ctx_error), param=ctx_error.param, code="invalid_value"
-            ) from None
         raise from_validation(exc) from None

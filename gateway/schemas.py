@@ -16,7 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.errors import FieldError
 from gateway.media_urls import check_media_url
+from gateway.tool_schema import check_tool_schema
 
 StrictInt = Annotated[int, Field(strict=True)]
 StrictFloat = Annotated[float, Field(strict=True)]
@@ -122,48 +124,8 @@ class FunctionDef(_Model):
     @classmethod
     def _check_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is not None:
-            _check_json_schema(schema, depth=0)
+            check_tool_schema(schema)
         return schema
-
-
-_SCHEMA_TYPES = {"object", "array", "string", "number", "integer", "boolean", "null"}
-
-
-def _check_json_schema(node: Any, depth: int) -> None:
-    """Reject schemas that downstream grammar or template code could choke on."""
-    if depth > 32:
-        raise ValueError("parameters schema is nested too deeply")
-    if not isinstance(node, dict):
-        raise ValueError("every schema node must be a JSON object")
-    kind = node.get("type")
-    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
-    if not all(isinstance(k, str) and k in _SCHEMA_TYPES for k in kinds):
-        raise ValueError(f"schema `type` must be one of {sorted(_SCHEMA_TYPES)}")
-    if "pattern" in node:
-        if not isinstance(node["pattern"], str):
-            raise ValueError("schema `pattern` must be a string")
-        try:
-            re.compile(node["pattern"])
-        except re.error as exc:
-            raise ValueError("schema `pattern` is not a valid regular expression") from exc
-    props = node.get("properties", {})
-    if not isinstance(props, dict):
-        raise ValueError("schema `properties` must be an object")
-    if "required" in node and not (
-        isinstance(node["required"], list) and all(isinstance(r, str) for r in node["required"])
-    ):
-        raise ValueError("schema `required` must be a list of strings")
-    children = list(props.values())
-    for key in ("items", "additionalProperties", "not"):
-        if isinstance(node.get(key), dict):
-            children.append(node[key])
-    for key in ("anyOf", "oneOf", "allOf"):
-        if key in node:
-            if not isinstance(node[key], list):
-                raise ValueError(f"schema `{key}` must be a list")
-            children.extend(node[key])
-    for child in children:
-        _check_json_schema(child, depth + 1)
 
 
 class ToolDef(_Model):
@@ -189,21 +151,21 @@ class StreamOptions(_Model):
 
 class _SamplingFields(_Model):
     model: str | None = None
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
     top_p: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
     top_k: Annotated[StrictInt, Field(ge=-1, le=UINT32_MAX // 2)] | None = None
     min_p: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    n: StrictInt = 1
+    n: StrictInt | None = None
     stop: list[str] | None = None
     stop_token_ids: list[Annotated[StrictInt, Field(ge=0)]] | None = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     presence_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[StrictFloat, Field(ge=-2, le=2)] | None = None
     repetition_penalty: Annotated[StrictFloat, Field(gt=0, le=10)] | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
     logit_bias: dict[str, StrictFloat] | None = None
 
@@ -224,8 +186,8 @@ class _SamplingFields(_Model):
 
     @field_validator("n")
     @classmethod
-    def _only_one_choice(cls, n: int) -> int:
-        if n != 1:
+    def _only_one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
             raise ValueError("only n=1 is supported")
         return n
 
@@ -252,7 +214,7 @@ class _SamplingFields(_Model):
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    logprobs: bool = False
+    logprobs: bool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
@@ -282,15 +244,15 @@ class ChatCompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _check_tools(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise _field_error("top_logprobs", "top_logprobs requires logprobs to be true")
+            raise FieldError("top_logprobs", "top_logprobs requires logprobs to be true")
         names = [t.function.name for t in self.tools or []]
         if len(set(names)) != len(names):
-            raise _field_error("tools", "tool function names must be unique")
+            raise FieldError("tools", "tool function names must be unique")
         choice = self.tool_choice
         if choice not in (None, "none", "auto") and not names:
-            raise _field_error("tool_choice", "tool_choice needs tools")
+            raise FieldError("tool_choice", "tool_choice needs tools")
         if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-            raise _field_error("tool_choice", f"no tool named {choice.function.name!r}")
+            raise FieldError("tool_choice", f"no tool named {choice.function.name!r}")
         return self
 
     @property
@@ -306,7 +268,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     prompt: str | list[StrictInt] | list[str] | list[list[StrictInt]]
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
-    echo: bool = False
+    echo: bool | None = None
     suffix: str | None = None
     best_of: StrictInt | None = None
 
@@ -315,24 +277,17 @@ class CompletionRequest(_SamplingFields):
         prompt = self.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
             if len(prompt) != 1:
-                raise _field_error("prompt", "only one prompt per request is supported")
+                raise FieldError("prompt", "only one prompt per request is supported")
             self.prompt = prompt[0]
         if not self.prompt:
-            raise _field_error("prompt", "prompt must not be empty")
+            raise FieldError("prompt", "prompt must not be empty")
         if any(t < 0 for t in self.prompt if isinstance(t, int)):
-            raise _field_error("prompt", "token ids must be non-negative")
-        if self.echo or self.suffix or (self.best_of or 1) > 1:
-            raise _field_error("prompt", "echo, suffix and best_of > 1 are not supported")
+            raise FieldError("prompt", "token ids must be non-negative")
+        for name, unsupported in (
+            ("echo", self.echo),
+            ("suffix", self.suffix),
+            ("best_of", (self.best_of or 1) != 1),
+        ):
+            if unsupported:
+                raise FieldError(name, f"{name} is not supported by this server")
         return self
-
-
-class FieldError(ValueError):
-    """A cross-field check that knows which field to blame (see routes' validation handling)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-def _field_error(param: str, message: str) -> FieldError:
-    return FieldError(param, message)

@@ -249,11 +249,12 @@ def test_unparseable_body(gateway, raw, content_type, status):
         ({"model": MODEL, "prompt": ""}, "prompt"),
         ({"model": MODEL, "prompt": [1, VOCAB]}, "prompt"),
         ({"model": MODEL, "prompt": ["a", "b"]}, "prompt"),
-        ({"model": MODEL, "prompt": "x", "echo": True}, "prompt"),
+        ({"model": MODEL, "prompt": "x", "echo": True}, "echo"),
+        ({"model": MODEL, "prompt": "x", "best_of": 3}, "best_of"),
         ({"model": MODEL, "prompt": "x", "logprobs": 6}, "logprobs"),
         ({"model": MODEL}, "prompt"),
     ],
-    ids=["empty", "token-out-of-vocab", "batch", "echo", "logprobs-too-many", "missing"],
+    ids=["empty", "token-out-of-vocab", "batch", "echo", "best-of", "logprobs-too-many", "missing"],
 )
 def test_bad_completion_request(gateway, body, param):
     r = httpx.post(f"{gateway.v1}/completions", json=body, timeout=30)
@@ -300,3 +301,10 @@ def test_gateway_still_serves_after_bad_input(gateway):
     assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
     r = httpx.post(f"{gateway.v1}/chat/completions", json=chat(), timeout=30)
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_explicit_nulls_mean_defaults(gateway):
+    body = chat(stream=None, n=None, logprobs=None, temperature=None, stop=None, tools=None)
+    r = httpx.post(f"{gateway.v1}/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
