@@ -122,6 +122,7 @@ class LLMEngine:
         )
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._aborted: list[Request] = []
+        self.idle = False
 
     # ---- requests ----------------------------------------------------------------------------
 
@@ -200,6 +201,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
+        self.idle = scheduled.is_empty  # nothing could run (e.g. all wait for media)
         result = self.runner.execute(scheduled)
         updates = self.scheduler.update_from_output(scheduled, result.sampled)
         return self._outputs(updates, result)
@@ -212,7 +214,10 @@ class LLMEngine:
             r.request_id: CompletedRequest(r.request_id, r.prompt_token_ids) for r in unfinished
         }
         while self.has_unfinished_requests:
-            for out in self.step():
+            outputs = self.step()
+            if not outputs and self.idle:
+                raise RuntimeError("requests wait for media embeddings that were never attached")
+            for out in outputs:
                 acc = pending[out.request_id]
                 acc.token_ids += out.new_token_ids
                 acc.text += out.new_text

@@ -308,3 +308,10 @@ def test_gpu_bfloat16_batch_runs_to_completion(tiny_ckpt_45, specs):
     engine = LLMEngine(model, load_model_config(tiny_ckpt_45), config)
     outs = run_batch(engine, specs)
     assert all(1 <= len(toks) <= n for toks, (_, n) in zip(outs, specs, strict=True))
+
+
+def test_run_to_completion_refuses_to_spin_on_missing_media(ours, specs):
+    engine = make_engine(ours)
+    add(engine, "late", specs[3][0], greedy(2), with_embeds=False)
+    with pytest.raises(RuntimeError, match="never attached"):
+        engine.run_to_completion()
