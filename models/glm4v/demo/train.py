@@ -1,0 +1,307 @@
+"""Train the embedded demo model: ``python -m models.glm4v.demo.train --out DIR``.
+
+Contract: builds a small GLM-4.5V-architecture checkpoint (vision tower + MoE text decoder, the
+project's own tokenizer and chat template), trains it on synthetic scenes from ``scenes.py``
+drawn on the fly (seeded), evaluates greedy accuracy per question kind on a held-out seed, and
+writes the result in Hugging Face format with the real checkpoint's tensor names. Training uses
+transformers' ``Glm4vMoeForConditionalGeneration`` as the autograd model: the checkpoint it
+writes is exactly what Glimpse and transformers both load. Runs on CUDA (minutes) or CPU (slow).
+
+Not here: serving, the scene generator, tokenizer construction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, IterableDataset
+
+from models.glm4v import tiny
+from models.glm4v.demo import scenes
+from models.glm4v.tokenizer_build import write_tokenizer_files
+
+TEXT = {
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 256,
+    "max_position_embeddings": 4096,
+}
+MROPE_SECTION = [4, 6, 6]  # sums to head_dim * 0.5 / 2
+VISION = {
+    "depth": 4,
+    "hidden_size": 192,
+    "num_heads": 4,
+    "image_size": 112,
+    "intermediate_size": 512,
+    "out_hidden_size": 256,
+}
+# at most 64 LLM tokens per image (about 224x224 pixels), at least 16
+IMAGE_SIZE = {"shortest_edge": 2 * 28 * 28 * 16, "longest_edge": 2 * 28 * 28 * 64}
+VIDEO_SIZE = {"shortest_edge": 2 * 28 * 28 * 8, "longest_edge": 2 * 28 * 28 * 160}
+END_OF_TURN = "<|user|>"
+
+
+def write_base_checkpoint(out: Path) -> None:
+    """Tokenizer, template, configs: everything but the weights."""
+    out.mkdir(parents=True, exist_ok=True)
+    template = tiny.CHAT_TEMPLATE_PATH.read_text()
+    tokenizer = write_tokenizer_files(out, template)
+    (out / "chat_template.jinja").write_text(template)
+    ids = tokenizer.get_vocab(with_added_tokens=True)
+    vocab = (tokenizer.get_vocab_size(with_added_tokens=True) + 63) // 64 * 64
+    cfg = tiny.build_config("glm4.5v", vocab, ids)
+    cfg["text_config"].update(TEXT)
+    cfg["text_config"]["rope_scaling"]["mrope_section"] = MROPE_SECTION
+    cfg["vision_config"].update(VISION)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    img = tiny._image_processor_config("glm4.5v") | {"size": IMAGE_SIZE}
+    vid = tiny._video_processor_config("glm4.5v") | {
+        "size": VIDEO_SIZE,
+        "max_image_size": {"longest_edge": VIDEO_SIZE["longest_edge"]},
+    }
+    (out / "preprocessor_config.json").write_text(json.dumps(img, indent=2) + "\n")
+    (out / "video_preprocessor_config.json").write_text(json.dumps(vid, indent=2) + "\n")
+    (out / "processor_config.json").write_text(json.dumps({"processor_class": "Glm4vProcessor"}))
+    gen = {
+        "do_sample": False,
+        "eos_token_id": cfg["text_config"]["eos_token_id"],
+        "pad_token_id": cfg["text_config"]["pad_token_id"],
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def messages_for(ex: scenes.Example) -> list[dict]:
+    media = {"type": "image"} if ex.image is not None else {"type": "video"}
+    return [{"role": "user", "content": [media, {"type": "text", "text": ex.question}]}]
+
+
+def video_inputs(ex: scenes.Example):
+    from transformers.video_utils import VideoMetadata
+
+    frames = np.stack([np.asarray(f) for f in ex.frames])  # [F, H, W, 3] uint8
+    n = len(ex.frames)
+    meta = VideoMetadata(
+        total_num_frames=n,
+        fps=ex.fps,
+        width=frames.shape[2],
+        height=frames.shape[1],
+        duration=n / ex.fps,
+    )
+    return frames, meta
+
+
+def encode_example(processor, ex: scenes.Example, thinking: bool) -> dict:
+    prompt = processor.apply_chat_template(
+        messages_for(ex), add_generation_prompt=True, tokenize=False, enable_thinking=thinking
+    )
+    if ex.image is not None:
+        enc = processor(text=[prompt], images=[ex.image], return_tensors="pt")
+    else:
+        frames, meta = video_inputs(ex)
+        enc = processor(text=[prompt], videos=[frames], video_metadata=[meta], return_tensors="pt")
+    answer = processor.tokenizer(ex.answer + END_OF_TURN, add_special_tokens=False)["input_ids"]
+    prompt_ids = enc["input_ids"][0]
+    item = {
+        "input_ids": torch.cat([prompt_ids, torch.tensor(answer)]),
+        "labels": torch.cat([torch.full_like(prompt_ids, -100), torch.tensor(answer)]),
+        "mm_token_type_ids": torch.cat(
+            [enc["mm_token_type_ids"][0], torch.zeros(len(answer), dtype=torch.long)]
+        ),
+    }
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if key in enc:
+            item[key] = enc[key]
+    return item
+
+
+class SceneStream(IterableDataset):
+    """Yields whole collated batches. A batch is all images or all videos: transformers finds
+    video frames by the image token too, so it cannot tell them apart inside one batch."""
+
+    def __init__(self, model_dir: Path, seed: int, batch_size: int) -> None:
+        self.model_dir, self.seed, self.batch_size = model_dir, seed, batch_size
+
+    def __iter__(self):
+        from transformers import AutoProcessor
+
+        torch.set_num_threads(1)  # many workers: one thread each, or they fight over the cores
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info else 0
+        processor = AutoProcessor.from_pretrained(self.model_dir)
+        rng = random.Random(self.seed * 1000 + wid)
+        pad = processor.tokenizer.pad_token_id
+        image_kinds = [k for k in scenes.KINDS if k != "motion"]
+        while True:
+            video = rng.random() < 0.2
+            items = []
+            for _ in range(self.batch_size):
+                kind = "motion" if video else rng.choice(image_kinds)
+                ex = scenes.make_example(rng, kind)
+                items.append(encode_example(processor, ex, thinking=rng.random() < 0.5))
+            yield collate(items, pad)
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    n = max(len(i["input_ids"]) for i in items)
+    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), n), dtype=torch.long)
+    types = torch.zeros((len(items), n), dtype=torch.long)
+    for b, it in enumerate(items):
+        k = len(it["input_ids"])
+        ids[b, :k], labels[b, :k], mask[b, :k] = it["input_ids"], it["labels"], 1
+        types[b, :k] = it["mm_token_type_ids"]
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [it[key] for it in items if key in it]
+        if parts:
+            batch[key] = torch.cat(parts)
+    return batch
+
+
+def export_weights(model) -> dict[str, torch.Tensor]:
+    """transformers' in-memory names -> checkpoint names (per-expert MoE weights), bf16."""
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu()
+        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]
+            base = name.removesuffix("gate_up_proj")
+            inter = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = t[e, :inter].to(torch.bfloat16).contiguous()
+                out[f"{base}{e}.up_proj.weight"] = t[e, inter:].to(torch.bfloat16).contiguous()
+        elif name.endswith("mlp.experts.down_proj"):  # [E, H, I]
+            base = name.removesuffix("down_proj")
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = t[e].to(torch.bfloat16).contiguous()
+        elif name.endswith("e_score_correction_bias"):
+            out[name] = t.float().contiguous()
+        else:
+            out[name] = t.to(torch.bfloat16).contiguous()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, processor, device, seed: int, per_kind: int) -> dict[str, float]:
+    model.eval()
+    rng = random.Random(seed)
+    acc = {}
+    for kind in scenes.KINDS:
+        right = 0
+        for _ in range(per_kind):
+            ex = scenes.make_example(rng, kind)
+            item = encode_example(processor, ex, thinking=False)
+            k = int((item["labels"] == -100).sum())
+            inputs = {key: v.to(device) for key, v in item.items() if key not in ("labels",)}
+            inputs["input_ids"] = inputs["input_ids"][:k][None]
+            inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:k][None]
+            out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+            text = processor.tokenizer.decode(out[0, k:], skip_special_tokens=True).strip()
+            right += text == ex.answer
+        acc[kind] = right / per_kind
+    model.train()
+    return acc
+
+
+def train(args: argparse.Namespace) -> dict:
+    from transformers import AutoProcessor, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    write_base_checkpoint(out)
+    processor = AutoProcessor.from_pretrained(out)
+    device = torch.device(args.device)
+    config = Glm4vMoeConfig.from_pretrained(out)
+    model = Glm4vMoeForConditionalGeneration(config).to(device=device, dtype=torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
+    loader = DataLoader(
+        SceneStream(out, args.seed, args.batch_size),
+        batch_size=None,
+        num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    start, avg = time.time(), None
+
+    def progress(step: int) -> float:
+        """Fraction of the run done: by steps, or by wall time when a time budget is set."""
+        by_time = (time.time() - start) / args.time_budget_s if args.time_budget_s else 0.0
+        return min(1.0, max(step / max(1, args.steps), by_time))
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, (step + 1) / args.warmup)
+        return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(step))))
+
+    model.train()
+    steps_done, waited, t_wait = 0, 0.0, time.time()
+    for step, batch in enumerate(loader):
+        waited += time.time() - t_wait
+        if progress(step) >= 1.0:
+            break
+        steps_done = step + 1
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        if step % args.log_every == 0 or step == args.steps - 1:
+            print(
+                f"step {step:5d} loss {avg:.4f} lr {lr_at(step):.2e} {time.time() - start:.0f}s",
+                flush=True,
+            )
+    elapsed = time.time() - start
+    save_file(export_weights(model), str(out / "model.safetensors"), {"format": "pt"})
+    acc = evaluate(model, processor, device, seed=args.eval_seed, per_kind=args.eval_per_kind)
+    report = {
+        "steps": steps_done,
+        "batch_size": args.batch_size,
+        "train_seconds": round(elapsed),
+        "device": str(device),
+        "parameters": n_params,
+        "heldout_accuracy": acc,
+    }
+    print(json.dumps(report, indent=2), flush=True)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--time-budget-s", type=float, default=0.0, help="stop after this long")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seed", type=int, default=10_000)
+    p.add_argument("--eval-per-kind", type=int, default=50)
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
