@@ -111,7 +111,11 @@ def _our_logits(ours, case: Case) -> torch.Tensor:
     mm_mask = case.input_ids == case.image_token_id
     n = len(case.input_ids)
     hidden = ours(
-        case.input_ids, case.positions, AttentionMetadata.prefill([n]), mm_embeds, mm_mask
+        case.input_ids,
+        case.positions,
+        AttentionMetadata.prefill([n], case.input_ids.device),
+        mm_embeds,
+        mm_mask,
     )
     return ours.compute_logits(hidden)
 
@@ -152,3 +156,50 @@ def test_greedy_after_image_matches_generate(models, tmp_path: Path) -> None:
         extra = positions_after(len(ids) - 1, 1, case.rope_delta)
         positions = torch.cat([positions, extra], dim=1)
     assert ids[n:].tolist() == expected.tolist()
+
+
+def _to_cuda(case: Case) -> Case:
+    case.hf_inputs = {k: v.cuda() for k, v in case.hf_inputs.items()}
+    case.pixels, case.grid = case.pixels.cuda(), case.grid.cuda()
+    case.input_ids, case.positions = case.input_ids.cuda(), case.positions.cuda()
+    return case
+
+
+# bf16 on CUDA: Glimpse must stay as close to transformers' float32 logits as transformers' own
+# bf16 run does (within 2x, floor 3e-2), and within BF16_TOL of transformers' bf16 logits.
+BF16_TOL = 6e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ckpt_name", ["tiny_ckpt_45", "tiny_ckpt_46"])
+@pytest.mark.parametrize("kinds", [["text"], ["image", "image", "image"], ["video"]])
+@torch.inference_mode()
+def test_cuda_bf16_logits_match_transformers(
+    request: pytest.FixtureRequest, ckpt_name: str, kinds: list[str], tmp_path: Path
+) -> None:
+    from transformers import Glm4vMoeForConditionalGeneration
+
+    ckpt = request.getfixturevalue(ckpt_name)
+    media = [] if kinds == ["text"] else kinds
+    case = _to_cuda(Case(ckpt, media, tmp_path)) if media else None
+    refs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = Glm4vMoeForConditionalGeneration.from_pretrained(ckpt, dtype=dtype).cuda().eval()
+        if case is None:
+            ids = torch.arange(3, 40, device="cuda")[None]
+            refs[dtype] = hf(input_ids=ids).logits[0].float()
+        else:
+            refs[dtype] = hf(**case.hf_inputs).logits[0].float()
+        del hf
+    ours = load_model(ckpt, dtype=torch.bfloat16, device="cuda")
+    if case is None:
+        ids = torch.arange(3, 40, device="cuda")
+        pos = torch.arange(len(ids), device="cuda").expand(3, -1)
+        hidden = ours(ids, pos, AttentionMetadata.prefill([len(ids)], "cuda"), None, None)
+        logits = ours.compute_logits(hidden).float()
+    else:
+        logits = _our_logits(ours, case).float()
+    err_ours = (logits - refs[torch.float32]).abs().max().item()
+    err_hf = (refs[torch.bfloat16] - refs[torch.float32]).abs().max().item()
+    assert err_ours <= max(2 * err_hf, 3e-2), (err_ours, err_hf)
+    assert (logits - refs[torch.bfloat16]).abs().max().item() <= BF16_TOL
