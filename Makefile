@@ -29,3 +29,23 @@ lint: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# --- deployment (deploy/README.md): make up [MODEL=DIR] [TP=N] [ENCODERS=N] [DEVICE=cpu]
+MODEL ?=
+TP ?= 1
+ENCODERS ?= 1
+DEVICE ?= gpu
+SERVED_MODEL ?= $(if $(MODEL),$(notdir $(patsubst %/,%,$(MODEL))),glimpse-demo)
+COMPOSE_FILES := -f deploy/docker-compose.yml $(if $(filter cpu,$(DEVICE)),-f deploy/docker-compose.cpu.yml)
+COMPOSE = $(if $(MODEL),MODEL_DIR=$(abspath $(MODEL)) )TP=$(TP) ENCODERS=$(ENCODERS) SERVED_MODEL=$(SERVED_MODEL) docker compose $(COMPOSE_FILES)
+
+.PHONY: up down logs
+
+up:
+	$(COMPOSE) up -d --build --wait
+
+down:
+	$(COMPOSE) down
+
+logs:
+	$(COMPOSE) logs -f --tail=200
