@@ -42,6 +42,8 @@ class Example:
     image: Image.Image | None = None
     frames: list[Image.Image] = field(default_factory=list)  # videos only
     fps: float = 4.0
+    objects: list[Placed] = field(default_factory=list)  # what was drawn (first frame for videos)
+    size: tuple[int, int] = (0, 0)  # canvas (width, height)
 
 
 @dataclass(frozen=True)
@@ -145,13 +147,14 @@ def make_image_example(rng: random.Random, kind: str) -> Example:
     img = _background(rng, w, h, [p.color for p in placed])
     for p in placed:
         draw_shape(img, p, rot=rng.uniform(-0.3, 0.3))
+    extra = {"image": img, "objects": placed, "size": (w, h)}
     if kind == "shape":
-        return Example(Q_SHAPE, placed[0].shape, kind, image=img)
+        return Example(Q_SHAPE, placed[0].shape, kind, **extra)
     if kind == "color":
-        return Example(Q_COLOR, placed[0].color, kind, image=img)
+        return Example(Q_COLOR, placed[0].color, kind, **extra)
     if kind == "count":
-        return Example(Q_COUNT, str(n), kind, image=img)
-    return Example(Q_DESCRIBE, describe(placed), kind, image=img)
+        return Example(Q_COUNT, str(n), kind, **extra)
+    return Example(Q_DESCRIBE, describe(placed), kind, **extra)
 
 
 def make_video_example(rng: random.Random) -> Example:
@@ -164,7 +167,7 @@ def make_video_example(rng: random.Random) -> Example:
     # travel along one axis across most of the frame; the other axis stays put
     span_x, span_y = w - 2 * r, h - 2 * r
     x0, y0 = rng.uniform(r, w - r), rng.uniform(r, h - r)
-    frames = []
+    frames, first = [], None
     for k in range(n_frames):
         f = k / (n_frames - 1)
         if direction in ("left", "right"):
@@ -174,11 +177,15 @@ def make_video_example(rng: random.Random) -> Example:
             cx = x0
             cy = r + span_y * (f if direction == "down" else 1 - f)
         frame = bg.copy()
-        draw_shape(frame, Placed(shape, color, cx, cy, r))
+        placed = Placed(shape, color, cx, cy, r)
+        first = first or placed
+        draw_shape(frame, placed)
         frames.append(frame)
     # at least 2 s of video, so samplers at 2 frames/s still see the motion in 2+ frame pairs
     fps = rng.choice([f for f in (2, 4, 8) if n_frames / f >= 2])
-    return Example(Q_MOTION, direction, "motion", frames=frames, fps=float(fps))
+    return Example(
+        Q_MOTION, direction, "motion", frames=frames, fps=float(fps), objects=[first], size=(w, h)
+    )
 
 
 KINDS = ("shape", "color", "describe", "count", "motion")

@@ -125,7 +125,54 @@ def encode_example(processor, ex: scenes.Example, thinking: bool) -> dict:
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in enc:
             item[key] = enc[key]
+    item["aux"] = aux_targets(ex)
     return item
+
+
+def aux_targets(ex: scenes.Example) -> torch.Tensor:
+    """[shape, colour, count-1, direction, cx, cy] for the auxiliary vision heads; -100 / -1 = n/a.
+
+    Supervising the vision tower directly (pooled features -> what was drawn, and where) gives
+    it a strong signal from the first step instead of only through the language model's loss.
+    """
+    objs, (w, h) = ex.objects, ex.size
+    single = len(objs) == 1
+    shape = scenes.SHAPES.index(objs[0].shape) if single else -100
+    color = list(scenes.COLORS).index(objs[0].color) if single else -100
+    motion = scenes.DIRECTIONS.index(ex.answer) if ex.kind == "motion" else -100
+    cx, cy = (objs[0].cx / w, objs[0].cy / h) if single and ex.image is not None else (-1.0, -1.0)
+    return torch.tensor([shape, color, len(objs) - 1, motion, cx, cy], dtype=torch.float32)
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only heads on the merger output; never saved with the checkpoint."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.image = torch.nn.Linear(hidden, len(scenes.SHAPES) + len(scenes.COLORS) + 4 + 2)
+        self.motion = torch.nn.Linear(2 * hidden, len(scenes.DIRECTIONS))
+
+    def loss(self, feats: torch.Tensor, grid: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        # feats [N_tokens, H] merger output; grid [B, 3] one row per item; aux [B, 6]
+        f = torch.nn.functional
+        sizes = (grid.prod(-1) // 4).tolist()
+        pooled, motion_in = [], []
+        for item, t in zip(feats.float().split(sizes), grid[:, 0].tolist(), strict=True):
+            pooled.append(item.mean(0))
+            groups = item.view(t, -1, item.shape[-1]).mean(1)  # [t, H]
+            motion_in.append(torch.cat([groups[0], groups[-1]]))
+        out = self.image(torch.stack(pooled))
+        n_s, n_c = len(scenes.SHAPES), len(scenes.COLORS)
+        lab = aux[:, :4].long()
+        loss = f.cross_entropy(out[:, :n_s], lab[:, 0], ignore_index=-100)
+        loss = loss + f.cross_entropy(out[:, n_s : n_s + n_c], lab[:, 1], ignore_index=-100)
+        loss = loss + f.cross_entropy(out[:, n_s + n_c : n_s + n_c + 4], lab[:, 2])
+        has_center = aux[:, 4] >= 0
+        if has_center.any():
+            loss = loss + 10 * f.mse_loss(out[has_center, -2:], aux[has_center, 4:])
+        if (lab[:, 3] >= 0).any():
+            loss = loss + f.cross_entropy(self.motion(torch.stack(motion_in)), lab[:, 3])
+        return torch.nan_to_num(loss)
 
 
 class SceneStream(IterableDataset):
@@ -166,6 +213,7 @@ def collate(items: list[dict], pad_id: int) -> dict:
         ids[b, :k], labels[b, :k], mask[b, :k] = it["input_ids"], it["labels"], 1
         types[b, :k] = it["mm_token_type_ids"]
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
+    batch["aux"] = torch.stack([it["aux"] for it in items])
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [it[key] for it in items if key in it]
         if parts:
@@ -206,7 +254,8 @@ def evaluate(model, processor, device, seed: int, per_kind: int) -> dict[str, fl
             ex = scenes.make_example(rng, kind)
             item = encode_example(processor, ex, thinking=False)
             k = int((item["labels"] == -100).sum())
-            inputs = {key: v.to(device) for key, v in item.items() if key not in ("labels",)}
+            skip = ("labels", "aux")
+            inputs = {key: v.to(device) for key, v in item.items() if key not in skip}
             inputs["input_ids"] = inputs["input_ids"][:k][None]
             inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:k][None]
             out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
@@ -235,7 +284,11 @@ def train(args: argparse.Namespace) -> dict:
         num_workers=args.workers,
         prefetch_factor=4 if args.workers else None,
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    heads = AuxHeads(config.vision_config.out_hidden_size).to(device)
+    captured: list[torch.Tensor] = []
+    model.model.visual.register_forward_hook(lambda _m, _i, out: captured.append(out.pooler_output))
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     start, avg = time.time(), None
 
@@ -258,13 +311,18 @@ def train(args: argparse.Namespace) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        aux = batch.pop("aux")
+        grid = batch.get("image_grid_thw", batch.get("video_grid_thw"))
+        captured.clear()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(**batch).loss
+            lm_loss = model(**batch).loss
+            aux_loss = heads.loss(captured[0], grid, aux)
+        loss = lm_loss + args.aux_weight * aux_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = lm_loss.item() if avg is None else 0.98 * avg + 0.02 * lm_loss.item()
         if step % args.log_every == 0 or step == args.steps - 1:
             print(
                 f"step {step:5d} loss {avg:.4f} lr {lr_at(step):.2e} {time.time() - start:.0f}s",
@@ -292,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--aux-weight", type=float, default=0.5, help="auxiliary vision-head loss")
     p.add_argument("--time-budget-s", type=float, default=0.0, help="stop after this long")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-seed", type=int, default=10_000)
