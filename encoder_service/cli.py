@@ -14,6 +14,7 @@ import logging
 import signal
 
 from encoder_service.config import (
+    TRANSPORTS,
     BatchLimits,
     EncoderConfig,
     MediaLimits,
@@ -74,10 +75,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("embeddings")
     g.add_argument("--mm-cache-mb", type=int, default=s.mm_cache_mb, help="0 disables the cache")
     g.add_argument(
+        "--embedding-pool-mb",
+        type=int,
+        default=s.embedding_pool_mb,
+        help="the one preallocated same-host embedding pool (GPU memory for cuda_ipc, shared"
+        " memory for shm); 0 streams every embedding",
+    )
+    g.add_argument(
+        "--transport",
+        default=s.transport,
+        choices=TRANSPORTS,
+        help="how embeddings are offered: auto (a pool of the device's kind: cuda_ipc on a GPU,"
+        " shm on the CPU), cuda_ipc, shm, or grpc_stream (no pool); readers on other hosts, items"
+        " that do not fit the pool and readers that cannot open it always get grpc_stream",
+    )
+    g.add_argument(
         "--embedding-store-mb",
         type=int,
         default=s.embedding_store_mb,
-        help="memory for embeddings waiting to be fetched and acknowledged",
+        help="host memory for embeddings offered only by grpc_stream (pool full, reader on another"
+        " host, no pool); beyond it Encode answers RESOURCE_EXHAUSTED",
     )
     g.add_argument(
         "--embedding-ttl-s",
@@ -138,6 +155,8 @@ def config_from_args(args: argparse.Namespace) -> EncoderConfig:
             mm_cache_mb=args.mm_cache_mb,
             embedding_ttl_s=args.embedding_ttl_s,
             embedding_store_mb=args.embedding_store_mb,
+            embedding_pool_mb=args.embedding_pool_mb,
+            transport=args.transport,
             hash_salt=args.hash_salt,
         ),
         server=ServerLimits(
@@ -154,7 +173,11 @@ def config_from_args(args: argparse.Namespace) -> EncoderConfig:
 async def serve(config: EncoderConfig) -> int:
     from encoder_service.server import EncoderServer  # heavy imports only once flags are valid
 
-    server = EncoderServer(config)
+    try:
+        server = EncoderServer(config)
+    except ValueError as exc:  # a transport the device cannot offer (cuda_ipc on a CPU)
+        log.error("%s", exc)
+        return 2
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -178,7 +201,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     if config.media.allowed_local_media_path is not None:
         try:
             allowed_root(config.media.allowed_local_media_path)

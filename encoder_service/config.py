@@ -10,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 MIB = 1 << 20
+# How the encoder offers embeddings: "auto" = a pool of its device's kind (cuda_ipc on a GPU, shm
+# on the CPU); "cuda_ipc" = a GPU pool, refused on a CPU device; "shm" = a shared-memory pool even
+# for a GPU tower (one device->host copy per item); "grpc_stream" = no pool, every item streamed.
+TRANSPORTS = ("auto", "cuda_ipc", "shm", "grpc_stream")
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,20 @@ class BatchLimits:
 class StoreLimits:
     mm_cache_mb: int = 1024  # embedding cache (0 disables)
     embedding_ttl_s: float = 60.0  # an unacknowledged embedding is freed after this
-    embedding_store_mb: int = 8192  # embeddings waiting for fetch/ack; beyond -> RESOURCE_EXHAUSTED
+    # Host memory for embeddings offered only by stream (pool full, reader on another host, no
+    # pool); beyond it Encode answers RESOURCE_EXHAUSTED.
+    embedding_store_mb: int = 8192
+    embedding_pool_mb: int = 1024  # the one preallocated same-host pool (0 = stream everything)
+    transport: str = "auto"  # one of TRANSPORTS
     hash_salt: str = ""  # mixed into content hashes with the model/processor identity
+
+    def __post_init__(self) -> None:
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, not {self.transport!r}")
+        if self.embedding_pool_mb < 0 or self.embedding_store_mb < 0:
+            raise ValueError("embedding pool and store sizes must not be negative")
+        if self.embedding_ttl_s <= 0:
+            raise ValueError("embedding TTL must be positive")
 
 
 @dataclass(frozen=True)

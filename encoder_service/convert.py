@@ -1,10 +1,13 @@
 """The only module that touches ``encoder_pb2``: proto messages <-> internal dataclasses.
 
 Contract (server side): ``items_from_request`` turns an ``EncodeRequest`` into ``MediaItem``s,
-refusing malformed items with ``EncodeError(INVALID)`` that names the item; ``encode_response``,
-``chunk_message`` and ``ack_response`` build replies. Client side: ``encode_request`` and
-``descriptors_from_response``. No I/O, no policy beyond field shape
-checks (limits that depend on the model are checked by the pipeline).
+refusing malformed items with ``EncodeError(INVALID)`` that names the item, and
+``consumer_host`` reads the reader's host identity; ``encode_response`` (from the transport's
+``EmbeddingLocation``s), ``chunk_message`` and ``ack_response`` build replies. Client side:
+``encode_request``, ``descriptors_from_response``, ``location_from_message`` (raises the
+transport's ``DescriptorError`` for a location that contradicts itself), ``chunk_from_message``,
+``fetch_request`` and ``ack_request``. No I/O, no policy beyond field shape checks (limits that
+depend on the model are checked by the pipeline).
 """
 
 from __future__ import annotations
@@ -19,14 +22,25 @@ from encoder_service.items import (
     MediaItem,
     MediaOptions,
     Modality,
-    StoredEmbedding,
+)
+from encoder_service.transport import (
+    DescriptorError,
+    EmbeddingChunk,
+    EmbeddingLocation,
+    HostIdentity,
 )
 from protos import encoder_pb2 as pb
 
 _MODALITY_IN = {pb.MODALITY_IMAGE: Modality.IMAGE, pb.MODALITY_VIDEO: Modality.VIDEO}
 _MODALITY_OUT = {v: k for k, v in _MODALITY_IN.items()}
-_TRANSPORT_OUT = {"grpc_stream": pb.TRANSPORT_GRPC_STREAM}
+_TRANSPORT_OUT = {
+    "grpc_stream": pb.TRANSPORT_GRPC_STREAM,
+    "shm": pb.TRANSPORT_SHM,
+    "cuda_ipc": pb.TRANSPORT_CUDA_IPC,
+}
 _TRANSPORT_IN = {v: k for k, v in _TRANSPORT_OUT.items()}
+# Host id of a streamed item whose encoder did not name its host: streaming needs none.
+_NO_HOST = "unknown/unknown"
 
 
 def items_from_request(request: pb.EncodeRequest, max_items: int) -> list[MediaItem]:
@@ -35,6 +49,17 @@ def items_from_request(request: pb.EncodeRequest, max_items: int) -> list[MediaI
     if len(request.items) > max_items:
         raise invalid(f"EncodeRequest has {len(request.items)} items; the limit is {max_items}")
     return [_item(i, msg) for i, msg in enumerate(request.items)]
+
+
+def consumer_host(request: pb.EncodeRequest) -> HostIdentity | None:
+    """The reader's host identity, None when the request does not name one."""
+    if not request.consumer_host_id:
+        return None
+    try:
+        return HostIdentity.from_key(request.consumer_host_id)
+    except ValueError:
+        shown = request.consumer_host_id[:96]
+        raise invalid(f"consumer_host_id {shown!r} is not of the form hostname/boot_id") from None
 
 
 def _item(index: int, msg: pb.MediaItem) -> MediaItem:
@@ -65,13 +90,27 @@ def _item(index: int, msg: pb.MediaItem) -> MediaItem:
     raise invalid(f"{label}: set either data or url")
 
 
+def _location_message(where: EmbeddingLocation) -> pb.EmbeddingLocation:
+    d = where.to_dict()
+    msg = pb.EmbeddingLocation(
+        embedding_id=d["embedding_id"],
+        transport=_TRANSPORT_OUT[d["transport"]],
+        ttl_s=d["ttl_s"],
+        host_id=d["host_id"],
+    )
+    if where.path != "grpc_stream":
+        msg.pool_id = where.key.pool_id
+        msg.offset = d["offset"]
+        msg.generation = where.key.generation
+    return msg
+
+
 def encode_response(
-    encoded: Sequence[EncodedItem], stored: Sequence[StoredEmbedding]
+    encoded: Sequence[EncodedItem], stored: Sequence[EmbeddingLocation]
 ) -> pb.EncodeResponse:
     response = pb.EncodeResponse()
     for item, where in zip(encoded, stored, strict=True):
         t, h, w = item.grid_thw
-        emb = item.embedding
         response.items.append(
             pb.EmbeddingDescriptor(
                 content_hash=item.content_hash,
@@ -80,31 +119,28 @@ def encode_response(
                 timestamps=list(item.timestamps),
                 modality=_MODALITY_OUT[item.modality],
                 cache_hit=item.cache_hit,
-                tensor=pb.TensorSpec(
-                    dtype=str(emb.dtype).removeprefix("torch."),
-                    shape=list(emb.shape),
-                    nbytes=emb.numel() * emb.element_size(),
-                ),
-                location=pb.EmbeddingLocation(
-                    embedding_id=where.embedding_id,
-                    transport=_TRANSPORT_OUT[where.transport],
-                    ttl_s=where.ttl_s,
-                ),
+                tensor=pb.TensorSpec(dtype=where.dtype, shape=where.shape, nbytes=where.nbytes),
+                location=_location_message(where),
             )
         )
     return response
 
 
-def chunk_message(offset: int, data: bytes, total_bytes: int) -> pb.EmbeddingChunk:
-    return pb.EmbeddingChunk(offset=offset, data=data, total_bytes=total_bytes)
+def chunk_message(chunk: EmbeddingChunk) -> pb.EmbeddingChunk:
+    msg = pb.EmbeddingChunk(offset=chunk.offset, data=chunk.data, total_bytes=chunk.total_bytes)
+    if chunk.crc32 is not None:
+        msg.crc32 = chunk.crc32
+    return msg
 
 
 def ack_response(acknowledged: int, released: int) -> pb.AckResponse:
     return pb.AckResponse(acknowledged=acknowledged, released=released)
 
 
-def encode_request(items: Sequence[MediaItem], num_consumers: int = 1) -> pb.EncodeRequest:
-    request = pb.EncodeRequest(num_consumers=num_consumers)
+def encode_request(
+    items: Sequence[MediaItem], num_consumers: int = 1, consumer_host_id: str = ""
+) -> pb.EncodeRequest:
+    request = pb.EncodeRequest(num_consumers=num_consumers, consumer_host_id=consumer_host_id)
     for item in items:
         o = item.options
         msg = pb.MediaItem(
@@ -141,9 +177,39 @@ def descriptors_from_response(response: pb.EncodeResponse) -> list[EmbeddingDesc
     ]
 
 
+def location_from_message(d: pb.EmbeddingDescriptor) -> EmbeddingLocation:
+    """Where one reply item lies, as the transport's importer reads it."""
+    loc = d.location
+    path = _TRANSPORT_IN.get(loc.transport)
+    name = loc.embedding_id[:96]
+    if path is None:
+        raise DescriptorError(f"embedding {name!r}: unknown transport {loc.transport}")
+    location = EmbeddingLocation.from_dict(
+        {
+            "embedding_id": loc.embedding_id,
+            "transport": path,
+            "host_id": loc.host_id or _NO_HOST,
+            "offset": loc.offset,
+            "nbytes": d.tensor.nbytes,
+            "dtype": d.tensor.dtype,
+            "shape": list(d.tensor.shape),
+            "ttl_s": loc.ttl_s,
+        }
+    )
+    key = location.key
+    if path != "grpc_stream" and (loc.pool_id, loc.generation) != (key.pool_id, key.generation):
+        raise DescriptorError(f"embedding {name!r}: pool_id/generation contradict embedding_id")
+    return location
+
+
+def chunk_from_message(msg: pb.EmbeddingChunk) -> EmbeddingChunk:
+    crc = msg.crc32 if msg.HasField("crc32") else None
+    return EmbeddingChunk(offset=msg.offset, data=msg.data, total_bytes=msg.total_bytes, crc32=crc)
+
+
 def fetch_request(embedding_id: str, chunk_bytes: int = 0) -> pb.FetchEmbeddingRequest:
     return pb.FetchEmbeddingRequest(embedding_id=embedding_id, chunk_bytes=chunk_bytes)
 
 
-def ack_request(embedding_ids: Sequence[str]) -> pb.AckRequest:
-    return pb.AckRequest(embedding_ids=list(embedding_ids))
+def ack_request(embedding_ids: Sequence[str], consumer: str = "") -> pb.AckRequest:
+    return pb.AckRequest(embedding_ids=list(embedding_ids), consumer=consumer)

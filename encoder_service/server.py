@@ -5,7 +5,10 @@ Contract: ``EncoderServer(config).start()`` binds the port and starts serving at
 background and one warm-up encode runs through the whole pipeline before health flips to
 ``SERVING``. Until then ``Encode`` answers UNAVAILABLE. ``stop()`` flips health to NOT_SERVING,
 waits ``shutdown_drain_s`` so probes notice, then stops the server letting in-flight calls finish
-within ``shutdown_grace_s``. Message size limits are set explicitly on the server.
+within ``shutdown_grace_s``, and closes the embedding pool (readers then see it closed).
+Message size limits are set explicitly on the server (never below what a FetchEmbedding chunk
+needs). The embedding store (pool) is created at construction, on the tower's device; its
+transport counters are served with the encoder's metrics.
 Request handling does not belong here (``servicer.py``).
 """
 
@@ -23,14 +26,15 @@ from PIL import Image
 
 from encoder_service.batcher import VisionBatcher
 from encoder_service.cache import EmbeddingCache
-from encoder_service.config import MIB, EncoderConfig
+from encoder_service.config import MIB, EncoderConfig, ServerLimits
 from encoder_service.items import MediaItem, Modality
 from encoder_service.media.decode import MediaPreparer, model_salt
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.pipeline import EncodePipeline
 from encoder_service.servicer import EncoderServicer
 from encoder_service.store import EmbeddingStore
-from encoder_service.tower import load_tower
+from encoder_service.tower import load_tower, resolve_device
+from encoder_service.transport import ExporterConfig, TransportCollector, grpc_message_options
 from protos import encoder_pb2 as pb
 from protos import encoder_pb2_grpc as pb_grpc
 
@@ -38,6 +42,18 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
 _WARMUP_TIMEOUT_S = 600.0
+
+
+def message_options(limits: ServerLimits) -> list[tuple[str, int]]:
+    """The server's size limits: the configured ones, raised to what a stream chunk needs."""
+    chunk = dict(grpc_message_options())
+    return [
+        (key, max(own, chunk[key]))
+        for key, own in (
+            ("grpc.max_receive_message_length", limits.max_request_bytes),
+            ("grpc.max_send_message_length", limits.max_send_bytes),
+        )
+    ]
 
 
 def _warmup_item() -> MediaItem:
@@ -50,9 +66,18 @@ class EncoderServer:
     def __init__(self, config: EncoderConfig) -> None:
         self.config = config
         self.metrics = EncoderMetrics()
+        store = config.store
         self.store = EmbeddingStore(
-            config.store.embedding_store_mb * MIB, config.store.embedding_ttl_s
+            ExporterConfig(
+                pool_bytes=store.embedding_pool_mb * MIB,
+                ttl_s=store.embedding_ttl_s,
+                chunk_bytes=config.server.stream_chunk_bytes,
+            ),
+            spill_capacity_bytes=store.embedding_store_mb * MIB,
+            device=resolve_device(config.model.device),
+            transport=store.transport,
         )
+        self.metrics.registry.register(TransportCollector("encoder", [self.store.stats]))
         self.cache = EmbeddingCache(config.store.mm_cache_mb * MIB)
         self.pipeline: EncodePipeline | None = None
         self.batcher: VisionBatcher | None = None
@@ -68,8 +93,7 @@ class EncoderServer:
         limits = self.config.server
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", limits.max_request_bytes),
-                ("grpc.max_send_message_length", limits.max_send_bytes),
+                *message_options(limits),
                 ("grpc.so_reuseport", 0),
                 # keepalive pings from clients every >= 20 s are fine (clients use 30 s)
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 20_000),
@@ -94,10 +118,11 @@ class EncoderServer:
             loop.create_task(self._sweep_store(), name="encoder-store-sweep"),
         ]
         log.info(
-            "encoder listening on %s:%d (loading %s)",
+            "encoder listening on %s:%d (loading %s); embeddings offered by %s",
             limits.host,
             self.port,
             self.config.model.model_path,
+            self.store.pool_path or "grpc_stream only",
         )
         return self.port
 
@@ -155,6 +180,7 @@ class EncoderServer:
             await self.pipeline.close()
         elif self.batcher is not None:
             await self.batcher.stop()
+        self.store.close()
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None

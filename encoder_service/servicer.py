@@ -2,10 +2,13 @@
 
 Contract: every failure leaves as a gRPC status (never as an error inside an OK reply):
 ``EncodeError`` kinds map to INVALID_ARGUMENT, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, NOT_FOUND
-and UNAVAILABLE, with the pipeline's message (which names the failing item). Cancellation and
-deadlines come from the context: a cancelled call cancels its pipeline tasks. Encode replies are
-bounded by ``--mm-per-request-timeout`` and the caller's own deadline, whichever is shorter.
-Pipeline logic does not belong here.
+and UNAVAILABLE, with the pipeline's message (which names the failing item); a transport error in
+the middle of a FetchEmbedding stream (the item expired while streamed) leaves with its own code
+(DATA_LOSS). Cancellation and deadlines come from the context: a cancelled call cancels its
+pipeline tasks. Encode replies are bounded by ``--mm-per-request-timeout`` and the caller's own
+deadline, whichever is shorter. Encode stores embeddings in the ``EmbeddingStore`` (pool slots or
+streamed copies) and replies with where each one lies; FetchEmbedding streams any live item in
+bounded chunks; Ack frees items. Pipeline and transport logic do not belong here.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from encoder_service.errors import EncodeError, ErrorKind
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.pipeline import EncodePipeline
 from encoder_service.store import EmbeddingStore
+from encoder_service.transport import TransportError, grpc_status
 from protos import encoder_pb2 as pb
 from protos import encoder_pb2_grpc as pb_grpc
 
@@ -31,8 +35,6 @@ _STATUS = {
     ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
-MIN_CHUNK_BYTES = 1 << 10
-MAX_CHUNK_BYTES = 4 << 20
 MAX_ACK_IDS = 4096
 
 
@@ -66,12 +68,14 @@ class EncoderServicer(pb_grpc.EncoderServicer):
             if pipeline is None:
                 raise EncodeError(ErrorKind.UNAVAILABLE, "encoder is loading; retry shortly")
             items = convert.items_from_request(request, self._config.batch.max_items_per_request)
+            reader_host = convert.consumer_host(request)
             budget = self._config.batch.mm_per_request_timeout_s
             remaining = context.time_remaining()
             if remaining is not None:
                 budget = min(budget, remaining)
             encoded = await pipeline.encode(items, budget)
-            stored = self._store.put_all([e.embedding for e in encoded], request.num_consumers)
+            embeddings = [e.embedding for e in encoded]
+            stored = self._store.put_all(embeddings, request.num_consumers, reader_host)
         except EncodeError as err:
             await self._fail(context, "Encode", err)  # raises: abort ends the call
         self._ok("Encode")
@@ -80,17 +84,17 @@ class EncoderServicer(pb_grpc.EncoderServicer):
     async def FetchEmbedding(
         self, request: pb.FetchEmbeddingRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EmbeddingChunk]:
+        # Chunk sizes are clamped by the transport (1 KiB to 4 MiB); 0 takes the server default.
+        chunks = self._store.stream(request.embedding_id, request.chunk_bytes)
         try:
-            data = self._store.read(request.embedding_id)
-        except EncodeError as err:
+            for chunk in chunks:
+                yield convert.chunk_message(chunk)
+        except EncodeError as err:  # not live: raised before the first chunk
             await self._fail(context, "FetchEmbedding", err)
-            return
-        chunk = request.chunk_bytes or self._config.server.stream_chunk_bytes
-        chunk = max(MIN_CHUNK_BYTES, min(MAX_CHUNK_BYTES, chunk))
-        total = data.nbytes
-        # NOTE: ``data`` keeps the tensor alive even if the entry is acked or expires mid-stream.
-        for offset in range(0, total, chunk):
-            yield convert.chunk_message(offset, bytes(data[offset : offset + chunk]), total)
+        except TransportError as err:  # freed while being streamed: never send other bytes
+            code = grpc_status(err)
+            self._metrics.rpcs.labels(method="FetchEmbedding", code=code.name).inc()
+            await context.abort(code, str(err))
         self._ok("FetchEmbedding")
 
     async def Ack(
@@ -99,6 +103,6 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         if len(request.embedding_ids) > MAX_ACK_IDS:
             err = EncodeError(ErrorKind.INVALID, f"Ack names more than {MAX_ACK_IDS} ids")
             await self._fail(context, "Ack", err)
-        known, released = self._store.ack(list(request.embedding_ids))
+        known, released = self._store.ack(list(request.embedding_ids), request.consumer or None)
         self._ok("Ack")
         return convert.ack_response(known, released)

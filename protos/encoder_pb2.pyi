@@ -17,11 +17,15 @@ class Transport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TRANSPORT_UNSPECIFIED: _ClassVar[Transport]
     TRANSPORT_GRPC_STREAM: _ClassVar[Transport]
+    TRANSPORT_SHM: _ClassVar[Transport]
+    TRANSPORT_CUDA_IPC: _ClassVar[Transport]
 MODALITY_UNSPECIFIED: Modality
 MODALITY_IMAGE: Modality
 MODALITY_VIDEO: Modality
 TRANSPORT_UNSPECIFIED: Transport
 TRANSPORT_GRPC_STREAM: Transport
+TRANSPORT_SHM: Transport
+TRANSPORT_CUDA_IPC: Transport
 
 class MediaOptions(_message.Message):
     __slots__ = ("min_pixels", "max_pixels", "fps", "max_frames")
@@ -48,12 +52,14 @@ class MediaItem(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., url: _Optional[str] = ..., modality: _Optional[_Union[Modality, str]] = ..., options: _Optional[_Union[MediaOptions, _Mapping]] = ...) -> None: ...
 
 class EncodeRequest(_message.Message):
-    __slots__ = ("items", "num_consumers")
+    __slots__ = ("items", "num_consumers", "consumer_host_id")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     NUM_CONSUMERS_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_HOST_ID_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[MediaItem]
     num_consumers: int
-    def __init__(self, items: _Optional[_Iterable[_Union[MediaItem, _Mapping]]] = ..., num_consumers: _Optional[int] = ...) -> None: ...
+    consumer_host_id: str
+    def __init__(self, items: _Optional[_Iterable[_Union[MediaItem, _Mapping]]] = ..., num_consumers: _Optional[int] = ..., consumer_host_id: _Optional[str] = ...) -> None: ...
 
 class GridTHW(_message.Message):
     __slots__ = ("t", "h", "w")
@@ -76,14 +82,22 @@ class TensorSpec(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class EmbeddingLocation(_message.Message):
-    __slots__ = ("embedding_id", "transport", "ttl_s")
+    __slots__ = ("embedding_id", "transport", "ttl_s", "host_id", "pool_id", "offset", "generation")
     EMBEDDING_ID_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     embedding_id: str
     transport: Transport
     ttl_s: float
-    def __init__(self, embedding_id: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+    host_id: str
+    pool_id: str
+    offset: int
+    generation: int
+    def __init__(self, embedding_id: _Optional[str] = ..., transport: _Optional[_Union[Transport, str]] = ..., ttl_s: _Optional[float] = ..., host_id: _Optional[str] = ..., pool_id: _Optional[str] = ..., offset: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class EmbeddingDescriptor(_message.Message):
     __slots__ = ("content_hash", "num_tokens", "grid_thw", "timestamps", "modality", "cache_hit", "tensor", "location")
@@ -120,20 +134,24 @@ class FetchEmbeddingRequest(_message.Message):
     def __init__(self, embedding_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class EmbeddingChunk(_message.Message):
-    __slots__ = ("offset", "data", "total_bytes")
+    __slots__ = ("offset", "data", "total_bytes", "crc32")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     total_bytes: int
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
+    crc32: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
 
 class AckRequest(_message.Message):
-    __slots__ = ("embedding_ids",)
+    __slots__ = ("embedding_ids", "consumer")
     EMBEDDING_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_FIELD_NUMBER: _ClassVar[int]
     embedding_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, embedding_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    consumer: str
+    def __init__(self, embedding_ids: _Optional[_Iterable[str]] = ..., consumer: _Optional[str] = ...) -> None: ...
 
 class AckResponse(_message.Message):
     __slots__ = ("acknowledged", "released")

@@ -8,7 +8,8 @@ are kept in host memory instead and the location says ``grpc_stream``. That fall
 error; it is counted in ``stats.pool_fallbacks``.
 
 Lifetime: an item is freed when ``consumers`` acks arrived (``ack``), or when its TTL runs out
-(``sweep_expired``, run by every ``put``; worth a timer too when puts are rare).
+(``sweep_expired``, run by every ``put``; worth a timer too when puts are rare), or at once by
+``release`` (a service undoing the puts of a request it refuses).
 ``stream_chunks`` serves any live item, pooled or not, as bounded chunks for the
 ``FetchEmbedding`` RPC, and fails with ``StaleSlotError`` when the item is gone or is freed while
 it is being read.
@@ -103,9 +104,7 @@ class EmbeddingExporter:
         num_blocks = config.pool_bytes // config.block_bytes
         if num_blocks > 0:
             self._open_pool(num_blocks * config.block_bytes)
-        self.stats.gauges[metrics.SPILLED_BYTES] = lambda: sum(
-            len(s.data) for s in list(self._spilled.values())
-        )
+        self.stats.gauges[metrics.SPILLED_BYTES] = lambda: self.spilled_bytes
 
     def _open_pool(self, data_bytes: int) -> None:
         meta = {"owner_pid": os.getpid(), "pid_ns": pid_namespace(), "host_id": self.host.key}
@@ -129,6 +128,12 @@ class EmbeddingExporter:
     def pool_path(self) -> str | None:
         """The same-host path this exporter offers ("cuda_ipc" or "shm"), None without a pool."""
         return self._pool.kind if self._pool is not None else None
+
+    @property
+    def spilled_bytes(self) -> int:
+        """Host memory held by items offered only by stream (pool full, other host, no pool)."""
+        with self._lock:
+            return sum(len(s.data) for s in self._spilled.values())
 
     # -- store ---------------------------------------------------------------------------
 
@@ -206,6 +211,16 @@ class EmbeddingExporter:
         self.stats.acks += int(outcome.known)
         self.stats.released += int(outcome.released)
         return outcome
+
+    def release(self, item: str | EmbeddingKey | EmbeddingLocation) -> bool:
+        """Free ``item`` now, whatever its acks (undoes a put whose request failed later)."""
+        key = _key_of(item)
+        if key.pool_id != self.pool_id:
+            return False
+        with self._lock:
+            if key.slot_id == SPILL_SLOT:
+                return self._spilled.pop(key.generation, None) is not None
+            return self._slots.release(key.slot_id, key.generation) if self._slots else False
 
     def sweep_expired(self) -> int:
         """Free every item whose TTL ran out; returns how many. Call it periodically."""

@@ -1,17 +1,23 @@
-"""Embedding cache (LRU by bytes), embedding store (acks, TTL, capacity) and the ViT batcher."""
+"""Embedding cache (LRU by bytes), embedding store (pool, fallback, acks, TTL, capacity), batcher."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+from collections.abc import Iterator
 
 import pytest
 import torch
 
+import encoder_service.store as store_module
 from encoder_service.batcher import VisionBatcher
 from encoder_service.cache import EmbeddingCache
 from encoder_service.errors import EncodeError, ErrorKind
 from encoder_service.items import EncodedItem, Modality
 from encoder_service.store import EmbeddingStore
+from encoder_service.transport import ExporterConfig, HostIdentity
+from encoder_service.transport.metrics import POOL_CAPACITY_BYTES
 
 
 def item(name: str, rows: int, hidden: int = 16) -> EncodedItem:
@@ -55,42 +61,124 @@ class FakeClock:
         return self.now
 
 
-def test_store_frees_after_all_consumers_ack():
-    store = EmbeddingStore(capacity_bytes=1 << 20, ttl_s=30)
-    emb = torch.randn(5, 8, dtype=torch.bfloat16)
-    stored = store.put(emb, consumers=2)
-    raw = bytes(store.read(stored.embedding_id))
-    assert torch.equal(torch.frombuffer(bytearray(raw), dtype=torch.bfloat16).view(5, 8), emb)
-    assert store.ack([stored.embedding_id]) == (1, 0)  # one of two consumers
-    assert store.ack([stored.embedding_id, "unknown"]) == (1, 1)
+BLOCK = 4096
+
+
+@contextlib.contextmanager
+def make_store(
+    pool_blocks: int = 16,
+    spill_bytes: int = 1 << 20,
+    ttl_s: float = 30,
+    transport: str = "auto",
+    clock=None,
+) -> Iterator[EmbeddingStore]:
+    config = ExporterConfig(pool_bytes=pool_blocks * BLOCK, block_bytes=BLOCK, ttl_s=ttl_s)
+    kwargs = {"clock": clock} if clock is not None else {}
+    store = EmbeddingStore(config, spill_bytes, "cpu", transport, **kwargs)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def streamed(store: EmbeddingStore, embedding_id: str, like: torch.Tensor) -> torch.Tensor:
+    raw = b"".join(c.data for c in store.stream(embedding_id, 1024))
+    return torch.frombuffer(bytearray(raw), dtype=like.dtype).view(like.shape)
+
+
+def not_found(store: EmbeddingStore, embedding_id: str) -> bool:
     with pytest.raises(EncodeError) as info:
-        store.read(stored.embedding_id)
-    assert info.value.kind is ErrorKind.NOT_FOUND
-    assert store.used_bytes == 0
+        list(store.stream(embedding_id))
+    return info.value.kind is ErrorKind.NOT_FOUND
+
+
+def test_store_frees_after_all_consumers_ack():
+    with make_store() as store:
+        emb = torch.randn(5, 8, dtype=torch.bfloat16)
+        [loc] = store.put_all([emb], consumers=2)
+        assert loc.path == "shm" and store.used_bytes == BLOCK
+        assert torch.equal(streamed(store, loc.embedding_id, emb), emb)
+        assert store.ack([loc.embedding_id]) == (1, 0)  # one of two consumers
+        assert store.ack([loc.embedding_id, "unknown", "pool:1:1"]) == (1, 1)
+        assert not_found(store, loc.embedding_id)
+        assert store.used_bytes == 0
+
+
+def test_named_consumer_acks_count_once():
+    with make_store() as store:
+        [loc] = store.put_all([torch.zeros(4, 4)], consumers=2)
+        assert store.ack([loc.embedding_id], consumer="rank0") == (1, 0)
+        assert store.ack([loc.embedding_id], consumer="rank0") == (1, 0)  # a retry
+        assert store.ack([loc.embedding_id], consumer="rank1") == (1, 1)
 
 
 def test_store_ttl_frees_unacknowledged_embeddings():
     clock = FakeClock()
-    store = EmbeddingStore(capacity_bytes=1 << 20, ttl_s=10, clock=clock)
-    first = store.put(torch.zeros(4, 4))
-    clock.now += 6
-    second = store.put(torch.zeros(4, 4))
-    clock.now += 5  # first is 11 s old, second 5 s
-    assert store.sweep() == 1
-    with pytest.raises(EncodeError):
-        store.read(first.embedding_id)
-    assert store.read(second.embedding_id).nbytes == 64
+    with make_store(ttl_s=10, clock=clock) as store:
+        [first] = store.put_all([torch.zeros(4, 4)])
+        clock.now += 6
+        [second] = store.put_all([torch.ones(4, 4)])
+        clock.now += 5  # first is 11 s old, second 5 s
+        assert store.sweep() == 1
+        assert not_found(store, first.embedding_id)
+        assert torch.equal(streamed(store, second.embedding_id, torch.ones(4, 4)), torch.ones(4, 4))
+        assert store.used_bytes == BLOCK
+
+
+def test_full_pool_falls_back_to_stream_without_error():
+    with make_store(pool_blocks=2) as store:
+        embs = [torch.full((4, 4), float(i)) for i in range(3)]
+        locs = store.put_all(embs)
+        assert [loc.path for loc in locs] == ["shm", "shm", "grpc_stream"]
+        assert store.stats.pool_fallbacks == 1
+        for emb, loc in zip(embs, locs, strict=True):
+            assert torch.equal(streamed(store, loc.embedding_id, emb), emb)
+        store.ack([loc.embedding_id for loc in locs])
+        assert [loc.path for loc in store.put_all(embs[:1])] == ["shm"]  # slots came back
+
+
+def test_reader_on_another_host_gets_stream_and_holds_no_pool_space():
+    with make_store() as store:
+        remote = HostIdentity(boot_id="other-boot", hostname="elsewhere")
+        [loc] = store.put_all([torch.zeros(4, 4)], consumer_host=remote)
+        assert loc.path == "grpc_stream" and store.stats.pool_fallbacks == 0
+        [local] = store.put_all([torch.zeros(4, 4)], consumer_host=store.host)
+        assert local.path == "shm"
 
 
 def test_store_refuses_beyond_capacity_and_recovers_after_ack():
-    store = EmbeddingStore(capacity_bytes=1000, ttl_s=60)
-    held = store.put_all([torch.zeros(100), torch.zeros(100)])  # 800 bytes
-    with pytest.raises(EncodeError) as info:
+    with make_store(spill_bytes=1000, transport="grpc_stream") as store:
+        assert store.pool_path is None
+        held = store.put_all([torch.zeros(100), torch.zeros(100)])  # 800 bytes
+        with pytest.raises(EncodeError) as info:
+            store.put_all([torch.zeros(100)])
+        assert info.value.kind is ErrorKind.EXHAUSTED
+        assert store.used_bytes == 800  # the refused request stored nothing
+        store.ack([held[0].embedding_id])
         store.put_all([torch.zeros(100)])
-    assert info.value.kind is ErrorKind.EXHAUSTED
-    assert len(store) == 2  # the refused request stored nothing
-    store.ack([held[0].embedding_id])
-    store.put_all([torch.zeros(100)])
+
+
+def test_refused_request_gives_back_its_pool_slots():
+    with make_store(pool_blocks=1, spill_bytes=1000) as store:
+        items = [torch.zeros(100), torch.zeros(100), torch.zeros(200)]  # pool, spill, too much
+        with pytest.raises(EncodeError):
+            store.put_all(items)
+        assert store.used_bytes == 0
+        assert store.put_all(items[:1])[0].path == "shm"
+
+
+def test_cuda_ipc_transport_is_refused_on_a_cpu_device():
+    with pytest.raises(ValueError, match="cuda_ipc"), make_store(transport="cuda_ipc"):
+        pass
+
+
+def test_pool_shrinks_to_fit_a_small_dev_shm(monkeypatch):
+    usage = shutil.disk_usage("/dev/shm")
+    monkeypatch.setattr(
+        store_module.shutil, "disk_usage", lambda path: usage._replace(free=8 * BLOCK)
+    )
+    with make_store(pool_blocks=64) as store:
+        assert store.stats.gauges[POOL_CAPACITY_BYTES]() == 4 * BLOCK
 
 
 def pool4(pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

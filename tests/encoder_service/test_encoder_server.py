@@ -16,6 +16,7 @@ from encoder_media import mp4_bytes, png_bytes
 
 from encoder_service.config import BatchLimits, EncoderConfig, MediaLimits, ModelLoad, ServerLimits
 from encoder_service.items import MediaItem, MediaOptions, Modality
+from encoder_service.transport import StaleSlotError
 
 MAX_PIXELS = 1_000_000
 
@@ -202,18 +203,27 @@ def test_repeated_image_is_a_cache_hit_that_skips_the_vit(enc):
 
 
 def test_embedding_lives_until_every_consumer_acked(enc):
+    from protos import encoder_pb2 as pb
+    from protos import encoder_pb2_grpc as pb_grpc
+
     async def go():
         [desc] = await enc.client.encode([image(png_bytes(44, 44, (9, 9, 9)))], num_consumers=2)
-        assert desc.transport == "grpc_stream" and desc.ttl_s > 0
+        assert desc.transport == "shm" and desc.ttl_s > 0  # same host: the shared-memory pool
         assert desc.nbytes == desc.num_tokens * desc.shape[1] * 4 and desc.dtype == "float32"
         first = await enc.client.fetch(desc, chunk_bytes=1024)
         assert await enc.client.ack([desc.embedding_id]) == (1, 0)
         second = await enc.client.fetch(desc)
         assert torch.equal(first, second)
         assert await enc.client.ack([desc.embedding_id]) == (1, 1)
-        with pytest.raises(grpc.aio.AioRpcError) as info:
+        with pytest.raises(StaleSlotError) as info:
             await enc.client.fetch(desc)
-        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert info.value.status_name == "DATA_LOSS"
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{enc.port}") as channel:
+            request = pb.FetchEmbeddingRequest(embedding_id=desc.embedding_id)
+            with pytest.raises(grpc.aio.AioRpcError) as rpc:
+                async for _ in pb_grpc.EncoderStub(channel).FetchEmbedding(request, timeout=10):
+                    pass
+        assert rpc.value.code() == grpc.StatusCode.NOT_FOUND
 
     enc.loop.run(go())
 
