@@ -1,0 +1,155 @@
+"""``glimpse decoder``: run the decoder service (LLM engine behind gRPC ``Generate``).
+
+Contract: ``add_arguments(parser)`` declares the flags: the engine's own (``--model-path``,
+``--dtype``, ``--device``, ``--load-format``, KV cache and scheduling, ``--limit-mm-per-prompt``,
+from ``engine/cli_args.py``) plus the service's, with defaults read from ``config.py``.
+``run(args)`` builds the frozen ``DecoderServiceConfig``, serves until SIGTERM/SIGINT and shuts
+down gracefully (health NOT_SERVING, drain, stop with a grace period). Exit status: 0 after a
+clean shutdown, 1 when the model failed to load or warm up, 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from decoder_service.config import (
+    DecoderServiceConfig,
+    EncoderPoolConfig,
+    ParallelConfig,
+    ServerConfig,
+)
+from decoder_service.engine.cli_args import add_engine_arguments, engine_config_from_args
+
+log = logging.getLogger("glimpse.decoder")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    enc, srv, par = EncoderPoolConfig(), ServerConfig(), ParallelConfig()
+    add_engine_arguments(parser)
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=srv.host)
+    g.add_argument("--port", type=int, default=srv.port, help="gRPC port (0: any free port)")
+    g.add_argument(
+        "--served-model-name",
+        default=srv.served_model_name,
+        help="model name clients send (default: the checkpoint directory's name)",
+    )
+    g.add_argument("--enable-metrics", action="store_true", help="serve Prometheus /metrics")
+    g.add_argument("--metrics-port", type=int, default=srv.metrics_port)
+    g.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=srv.max_waiting_requests,
+        help="requests queued behind the running batch before RESOURCE_EXHAUSTED",
+    )
+    g.add_argument("--max-message-bytes", type=int, default=srv.max_message_bytes)
+    g.add_argument(
+        "--shutdown-drain-s",
+        type=float,
+        default=srv.shutdown_drain_s,
+        help="seconds NOT_SERVING is visible before the server stops",
+    )
+    g.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=srv.shutdown_grace_s,
+        help="seconds in-flight calls get to finish on shutdown",
+    )
+    g.add_argument("--log-level", default="INFO")
+    g = parser.add_argument_group("encoders")
+    g.add_argument(
+        "--encoder-urls",
+        default=",".join(enc.encoder_urls),
+        help="comma-separated encoder gRPC targets host:port (empty: text only)",
+    )
+    g.add_argument(
+        "--mm-per-request-timeout",
+        type=float,
+        default=enc.mm_per_request_timeout_s,
+        help="seconds the media of one request may take (encode + fetch)",
+    )
+    g.add_argument(
+        "--encoder-health-interval",
+        type=float,
+        default=enc.health_interval_s,
+        help="seconds between health checks of each encoder",
+    )
+    g = parser.add_argument_group("parallelism")
+    g.add_argument(
+        "--tp", "--tensor-parallel-size", type=int, default=par.tp, help="tensor-parallel ranks"
+    )
+    g.add_argument(
+        "--ep",
+        "--expert-parallel-size",
+        type=int,
+        default=par.ep,
+        help="expert-parallel size for the routed experts (1, or equal to --tp)",
+    )
+    g.add_argument(
+        "--dist-init-method",
+        default=par.dist_init_method,
+        help="torch.distributed rendezvous URL for --tp > 1 (default: a free local port)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> DecoderServiceConfig:
+    urls = tuple(u.strip() for u in args.encoder_urls.split(",") if u.strip())
+    return DecoderServiceConfig(
+        engine=engine_config_from_args(args),
+        encoders=EncoderPoolConfig(
+            encoder_urls=urls,
+            mm_per_request_timeout_s=args.mm_per_request_timeout,
+            health_interval_s=args.encoder_health_interval,
+            max_message_bytes=args.max_message_bytes,
+        ),
+        server=ServerConfig(
+            host=args.host,
+            port=args.port,
+            served_model_name=args.served_model_name,
+            max_message_bytes=args.max_message_bytes,
+            max_waiting_requests=args.max_waiting_requests,
+            enable_metrics=args.enable_metrics,
+            metrics_port=args.metrics_port,
+            shutdown_drain_s=args.shutdown_drain_s,
+            shutdown_grace_s=args.shutdown_grace_s,
+        ),
+        parallel=ParallelConfig(tp=args.tp, ep=args.ep, dist_init_method=args.dist_init_method),
+    )
+
+
+async def serve(config: DecoderServiceConfig) -> int:
+    from decoder_service.server import DecoderServer  # heavy imports only once flags are valid
+
+    server = DecoderServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready = asyncio.create_task(server.wait_ready())
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and ready.exception() is not None:
+        await server.stop(grace_s=0)
+        stopped.cancel()
+        return 1
+    await stopped
+    log.info("shutting down: health NOT_SERVING, draining in-flight calls")
+    await server.stop()
+    ready.cancel()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    return asyncio.run(serve(config))

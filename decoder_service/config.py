@@ -1,0 +1,88 @@
+"""The decoder service's one frozen configuration object, composed from small parts.
+
+Contract: ``DecoderServiceConfig`` = ``EngineConfig`` (weights, KV cache, scheduling, media
+limits; defined by the engine) + ``EncoderPoolConfig`` (which encoders, how media is dispatched)
++ ``ServerConfig`` (gRPC port, metrics, shutdown) + ``ParallelConfig`` (TP/EP ranks). The CLI
+takes every default from these dataclasses; tests build them directly. Nothing here parses
+flags, reads the environment or touches the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from decoder_service.engine.config import EngineConfig
+
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class EncoderPoolConfig:
+    # gRPC targets ("host:port") of the encoder replicas; media items are spread over them.
+    encoder_urls: tuple[str, ...] = ()
+    # Whole media stage of one request (encode + fetch), seconds; the caller's deadline may cut
+    # it shorter.
+    mm_per_request_timeout_s: float = 60.0
+    # How often each replica's grpc.health.v1 status is polled, seconds.
+    health_interval_s: float = 2.0
+    # Largest gRPC message to or from an encoder (raw media travels inside Encode).
+    max_message_bytes: int = 128 * MIB
+
+    def __post_init__(self) -> None:
+        if self.mm_per_request_timeout_s <= 0 or self.health_interval_s <= 0:
+            raise ValueError("encoder timeouts and intervals must be positive")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051  # 0 picks a free port (tests)
+    # Name clients send as the OpenAI `model`; None = the checkpoint directory's name.
+    served_model_name: str | None = None
+    # gRPC receive/send limit: Generate requests may carry raw media bytes.
+    max_message_bytes: int = 128 * MIB
+    # Requests queued behind the running batch before new ones get RESOURCE_EXHAUSTED.
+    max_waiting_requests: int = 1024
+    enable_metrics: bool = False
+    metrics_port: int = 9400
+    # Shutdown: NOT_SERVING is visible this long before the server stops taking calls ...
+    shutdown_drain_s: float = 5.0
+    # ... then in-flight Generate calls get this long to finish (together within 30 s, the
+    # grace the deployments budget).
+    shutdown_grace_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.max_waiting_requests < 1 or self.max_message_bytes < MIB:
+            raise ValueError("max_waiting_requests must be >= 1 and max_message_bytes >= 1 MiB")
+        if self.shutdown_drain_s < 0 or self.shutdown_grace_s < 0:
+            raise ValueError("shutdown times must not be negative")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel ranks (processes) holding one copy of the LLM
+    ep: int = 1  # expert-parallel size for the routed experts: 1 or equal to tp
+    # torch.distributed rendezvous for tp > 1 (127.0.0.1 and a free port when None).
+    dist_init_method: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {self.tp}")
+        if self.ep not in (1, self.tp):
+            raise ValueError(f"--ep must be 1 or equal to --tp ({self.tp}), got {self.ep}")
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.ep > 1
+
+
+@dataclass(frozen=True)
+class DecoderServiceConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    encoders: EncoderPoolConfig = field(default_factory=EncoderPoolConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @property
+    def model_path(self) -> str:
+        return self.engine.load.model_path

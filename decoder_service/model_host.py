@@ -1,0 +1,73 @@
+"""Load the text model, its processor and tokenizer, and build the ``LLMEngine`` that serves them.
+
+Contract: ``load_engine(config)`` (blocking; run it in a thread) returns a ``LoadedModel``: the
+engine (rank 0's, with tensor parallelism), the ``MultimodalProcessor`` (chat template, tokenizer,
+placeholder expansion) and the parsed ``ModelConfig``. Only the text half of the checkpoint is
+loaded: vision runs in the encoder service. ``LoadedModel.close()`` releases what loading
+started (worker ranks with ``--tp`` > 1).
+Not here: serving, the engine's own logic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from decoder_service.config import DecoderServiceConfig
+from decoder_service.engine.cli_args import resolve_device, resolve_dtype
+from decoder_service.engine.engine import LLMEngine
+from models.glm4v.config import ModelConfig, load_model_config
+from models.glm4v.loader import load_model
+from models.glm4v.processing.processor import MultimodalProcessor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    engine: LLMEngine
+    processor: MultimodalProcessor
+    model_config: ModelConfig
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for closer in self._closers:
+            closer()
+        self._closers.clear()
+
+
+def load_engine(config: DecoderServiceConfig) -> LoadedModel:
+    load = config.engine.load
+    processor = MultimodalProcessor.from_pretrained(load.model_path)
+    model_config = load_model_config(load.model_path)
+    if config.parallel.tp > 1:
+        from decoder_service.tp_workers import load_parallel_engine
+
+        engine, closer = load_parallel_engine(config, model_config, processor.tokenizer)
+        return LoadedModel(engine, processor, model_config, [closer])
+    device = resolve_device(load.device)
+    dtype = resolve_dtype(load.dtype, device)
+    model = load_model(
+        load.model_path,
+        dtype,
+        device,
+        load.load_format,
+        vision=False,
+        text=True,
+        seed=load.seed,
+    )
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    engine = LLMEngine(model, model_config, config.engine, tokenizer=processor.tokenizer)
+    log.info(
+        "model loaded: %s on %s (%s), %d KV blocks, context %d",
+        load.model_path,
+        device,
+        dtype,
+        engine.kv.num_blocks,
+        engine.max_model_len,
+    )
+    return LoadedModel(engine, processor, model_config)
