@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import socket
@@ -15,6 +16,7 @@ import grpc
 from encoder_media import png_bytes
 from grpc_health.v1 import health, health_pb2_grpc
 
+from encoder_service import cli as encoder_cli
 from encoder_service import probe
 from encoder_service.client import EncoderClient
 from encoder_service.items import MediaItem, Modality
@@ -90,3 +92,22 @@ def test_probe_reports_unknown_service_as_failure():
         assert probe.main(["--port", str(port), "--service", "glimpse.encoder.v1.Encoder"]) == 1
     finally:
         server.stop(0)
+
+
+def test_transport_flags_reach_the_config_and_bad_choices_exit_2(tmp_path, caplog):
+    parser = argparse.ArgumentParser()
+    encoder_cli.add_arguments(parser)
+    base = ["--model-path", str(tmp_path), "--device", "cpu"]
+    args = parser.parse_args(
+        [*base, "--transport", "grpc_stream", "--embedding-pool-mb", "64", "--embedding-ttl-s", "5"]
+    )
+    store = encoder_cli.config_from_args(args).store
+    assert (store.transport, store.embedding_pool_mb, store.embedding_ttl_s) == (
+        "grpc_stream",
+        64,
+        5,
+    )
+    assert encoder_cli.run(parser.parse_args([*base, "--transport", "cuda_ipc"])) == 2
+    assert "cuda_ipc needs a CUDA device" in caplog.text
+    assert encoder_cli.run(parser.parse_args([*base, "--embedding-ttl-s", "0"])) == 2
+    assert "TTL must be positive" in caplog.text
