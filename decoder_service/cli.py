@@ -2,7 +2,7 @@
 
 Contract: ``add_arguments(parser)`` declares the flags: the engine's own (``--model-path``,
 ``--dtype``, ``--device``, ``--load-format``, KV cache and scheduling, ``--limit-mm-per-prompt``,
-from ``engine/cli_args.py``) plus the service's, with defaults read from ``config.py``.
+``--tp`` / ``--ep``, from ``engine/cli_args.py``) plus the service's, with defaults read from ``config.py``.
 ``run(args)`` builds the frozen ``DecoderServiceConfig``, serves until SIGTERM/SIGINT and shuts
 down gracefully (health NOT_SERVING, drain, stop with a grace period). Exit status: 0 after a
 clean shutdown, 1 when the model failed to load or warm up, 2 for bad flags.
@@ -18,7 +18,6 @@ import signal
 from decoder_service.config import (
     DecoderServiceConfig,
     EncoderPoolConfig,
-    ParallelConfig,
     ServerConfig,
 )
 from decoder_service.engine.cli_args import add_engine_arguments, engine_config_from_args
@@ -27,7 +26,7 @@ log = logging.getLogger("glimpse.decoder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    enc, srv, par = EncoderPoolConfig(), ServerConfig(), ParallelConfig()
+    enc, srv = EncoderPoolConfig(), ServerConfig()
     add_engine_arguments(parser)
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=srv.host)
@@ -77,22 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=enc.health_interval_s,
         help="seconds between health checks of each encoder",
     )
-    g = parser.add_argument_group("parallelism")
-    g.add_argument(
-        "--tp", "--tensor-parallel-size", type=int, default=par.tp, help="tensor-parallel ranks"
-    )
-    g.add_argument(
-        "--ep",
-        "--expert-parallel-size",
-        type=int,
-        default=par.ep,
-        help="expert-parallel size for the routed experts (1, or equal to --tp)",
-    )
-    g.add_argument(
-        "--dist-init-method",
-        default=par.dist_init_method,
-        help="torch.distributed rendezvous URL for --tp > 1 (default: a free local port)",
-    )
 
 
 def config_from_args(args: argparse.Namespace) -> DecoderServiceConfig:
@@ -116,7 +99,6 @@ def config_from_args(args: argparse.Namespace) -> DecoderServiceConfig:
             shutdown_drain_s=args.shutdown_drain_s,
             shutdown_grace_s=args.shutdown_grace_s,
         ),
-        parallel=ParallelConfig(tp=args.tp, ep=args.ep, dist_init_method=args.dist_init_method),
     )
 
 

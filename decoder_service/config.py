@@ -1,8 +1,8 @@
 """The decoder service's one frozen configuration object, composed from small parts.
 
 Contract: ``DecoderServiceConfig`` = ``EngineConfig`` (weights, KV cache, scheduling, media
-limits; defined by the engine) + ``EncoderPoolConfig`` (which encoders, how media is dispatched)
-+ ``ServerConfig`` (gRPC port, metrics, shutdown) + ``ParallelConfig`` (TP/EP ranks). The CLI
+limits, TP/EP ranks; defined by the engine) + ``EncoderPoolConfig`` (which encoders, how media
+is dispatched) + ``ServerConfig`` (gRPC port, metrics, shutdown). The CLI
 takes every default from these dataclasses; tests build them directly. Nothing here parses
 flags, reads the environment or touches the model.
 """
@@ -59,29 +59,10 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    tp: int = 1  # tensor-parallel ranks (processes) holding one copy of the LLM
-    ep: int = 1  # expert-parallel size for the routed experts: 1 or equal to tp
-    # torch.distributed rendezvous for tp > 1 (127.0.0.1 and a free port when None).
-    dist_init_method: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.tp < 1:
-            raise ValueError(f"--tp must be >= 1, got {self.tp}")
-        if self.ep not in (1, self.tp):
-            raise ValueError(f"--ep must be 1 or equal to --tp ({self.tp}), got {self.ep}")
-
-    @property
-    def expert_parallel(self) -> bool:
-        return self.ep > 1
-
-
-@dataclass(frozen=True)
 class DecoderServiceConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     encoders: EncoderPoolConfig = field(default_factory=EncoderPoolConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @property
     def model_path(self) -> str:

@@ -43,11 +43,12 @@ def load_engine(config: DecoderServiceConfig) -> LoadedModel:
     load = config.engine.load
     processor = MultimodalProcessor.from_pretrained(load.model_path)
     model_config = load_model_config(load.model_path)
-    if config.parallel.tp > 1:
-        from decoder_service.tp_workers import load_parallel_engine
+    if config.engine.parallel.tp > 1:
+        # rank 0 here; ranks 1..tp-1 are processes the engine spawns and mirrors every step on
+        from decoder_service.engine.parallel import load_parallel_engine
 
-        engine, closer = load_parallel_engine(config, model_config, processor.tokenizer)
-        return LoadedModel(engine, processor, model_config, [closer])
+        engine = load_parallel_engine(config.engine, model_config, processor.tokenizer)
+        return LoadedModel(engine, processor, model_config, [engine.close])
     device = resolve_device(load.device)
     dtype = resolve_dtype(load.dtype, device)
     model = load_model(
