@@ -43,7 +43,8 @@ def load_engine(config: DecoderServiceConfig) -> LoadedModel:
     load = config.engine.load
     processor = MultimodalProcessor.from_pretrained(load.model_path)
     model_config = load_model_config(load.model_path)
-    if config.engine.parallel.tp > 1:
+    parallel = getattr(config.engine, "parallel", None)  # engines built without TP lack it
+    if parallel is not None and parallel.tp > 1:
         # rank 0 here; ranks 1..tp-1 are processes the engine spawns and mirrors every step on
         from decoder_service.engine.parallel import load_parallel_engine
 
