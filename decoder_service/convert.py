@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from decoder_service.engine.sampling_params import SamplingParams
-from decoder_service.engine_loop import StreamChunk
 from decoder_service.errors import invalid, invalid_parameter
 from decoder_service.inputs import ChatRequest, GenerateInput, MediaSource
+from decoder_service.request_stream import StreamChunk
 from decoder_service.token_text import TokenText
 from protos import decoder_pb2 as pb
 

@@ -3,7 +3,7 @@
 Contract: ``EngineLoop(engine, ...)`` owns the engine; only its thread calls into it. Callers on
 the event loop ``await submit(EngineRequest)`` (admission: raises the engine's
 ``InvalidRequestError`` unchanged) and get a ``RequestStream`` of ``StreamChunk``s, ending with
-the chunk whose ``finish_reason`` is set. ``attach`` (late media embeddings) and ``abort`` are
+the chunk whose ``finish_reason`` is set (request_stream.py). ``attach`` (late media embeddings) and ``abort`` are
 fire-and-forget and safe from any thread. The thread steps while work exists and sleeps on its
 command queue otherwise (also while every request waits for media), so an idle server costs no
 CPU. Outputs of one step reach the event loop in one ``call_soon_threadsafe``. The token that
@@ -25,25 +25,14 @@ import torch
 
 from decoder_service.engine.engine import EngineStats, LLMEngine, RequestOutput
 from decoder_service.engine.errors import DuplicateRequestError, InvalidRequestError
-from decoder_service.engine.model_runner import TokenLogprobs
 from decoder_service.engine.request import MediaItem
 from decoder_service.engine.sampling_params import SamplingParams
 from decoder_service.errors import ServiceError, internal, unavailable
+from decoder_service.request_stream import RequestStream, StreamChunk
 
 log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.5  # how often an idle thread wakes to publish stats
-
-
-@dataclass
-class StreamChunk:
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprobs] | None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" on the last chunk
-    prompt_tokens: int = 0  # usage, set on the last chunk
-    completion_tokens: int = 0
-    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,49 +43,6 @@ class EngineRequest:
     mm_items: list[MediaItem] = field(default_factory=list)  # embeds may still be None
     mrope_positions: torch.Tensor | None = None  # [3, P] int64
     rope_delta: int = 0
-
-
-class RequestStream:
-    """The outputs of one request, consumed by exactly one coroutine."""
-
-    def __init__(self, request_id: str) -> None:
-        self.request_id = request_id
-        self._queue: asyncio.Queue[StreamChunk | ServiceError] = asyncio.Queue()
-        self.finished = False
-
-    def put(self, item: StreamChunk | ServiceError) -> None:
-        self._queue.put_nowait(item)
-
-    async def next(self) -> StreamChunk:
-        """Everything produced since the last call, merged into one chunk (waits for one)."""
-        items = [await self._queue.get()]
-        while not self._queue.empty() and not _last(items[-1]):
-            items.append(self._queue.get_nowait())
-        for item in items:
-            if isinstance(item, ServiceError):
-                self.finished = True
-                raise item
-        merged = items[-1] if len(items) == 1 else _merge(items)
-        self.finished = merged.finish_reason is not None
-        return merged
-
-
-def _last(item: StreamChunk | ServiceError) -> bool:
-    return isinstance(item, ServiceError) or item.finish_reason is not None
-
-
-def _merge(chunks: list[StreamChunk]) -> StreamChunk:
-    last = chunks[-1]
-    logprobs = [lp for c in chunks for lp in c.logprobs or ()]
-    return StreamChunk(
-        token_ids=[t for c in chunks for t in c.token_ids],
-        text="".join(c.text for c in chunks),
-        logprobs=logprobs or None,
-        finish_reason=last.finish_reason,
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        cached_tokens=last.cached_tokens,
-    )
 
 
 @dataclass

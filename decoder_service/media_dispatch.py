@@ -81,6 +81,7 @@ class MediaDispatcher:
         self.processor = processor
         self.pool = pool
         self.limits = limits
+        self._acks: set[asyncio.Task[None]] = set()  # background acks, referenced until done
 
     async def prepare(self, chat: ChatRequest, deadline: float) -> PreparedPrompt:
         """``deadline`` is a ``time.monotonic()`` instant for all encoder work."""
@@ -127,10 +128,12 @@ class MediaDispatcher:
                 )
 
     async def _encode_all(self, sources: list[MediaSource], deadline: float) -> list[Pending]:
-        results = await asyncio.gather(
-            *(self._encode(k, s, deadline) for k, s in enumerate(sources)),
-            return_exceptions=True,
-        )
+        tasks = [asyncio.create_task(self._encode(k, s, deadline)) for k, s in enumerate(sources)]
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        except asyncio.CancelledError:  # the caller went away: free what was already encoded
+            self.release([t.result() for t in tasks if _succeeded(t)])
+            raise
         done = [r for r in results if isinstance(r, Pending)]
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
@@ -198,7 +201,13 @@ class MediaDispatcher:
                 p.descriptor.embedding_id
             )
         for replica, ids in by_replica.values():
-            asyncio.get_running_loop().create_task(_ack(replica, ids))
+            task = asyncio.get_running_loop().create_task(_ack(replica, ids))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+
+def _succeeded(task: asyncio.Task[Pending]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None
 
 
 async def _ack(replica: Replica, ids: list[str]) -> None:
