@@ -7,6 +7,7 @@ come from transformers' greedy ``generate`` and from the tokenizer, never from t
 
 from __future__ import annotations
 
+import asyncio
 import io
 import urllib.request
 from dataclasses import replace
@@ -293,4 +294,53 @@ def test_a_decoder_that_cannot_load_stays_not_serving(tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         loop.run(server.stop(grace_s=0))
+        loop.close()
+
+
+def test_media_is_spread_over_two_healthy_encoders(tiny_ckpt_45):
+    loop = ServiceLoop()
+    encoders = [start_encoder(loop, tiny_ckpt_45) for _ in range(2)]
+    urls = tuple(f"127.0.0.1:{port}" for _, port in encoders)
+    decoder = start_decoder(loop, decoder_config(tiny_ckpt_45, urls, max_images=4, max_videos=1))
+    try:
+        client = stub(decoder.port)
+        for i in range(2):
+            parts = [image(png((30 * i + k, 60, 90))) for k in range(3)]
+            ids, _, _ = collect(client.Generate(chat(*parts, text("?"), max_tokens=2), timeout=30))
+            assert ids
+        labels = {"method": "Encode", "code": "OK"}
+        counts = [server.metrics.value("vlm:encoder_rpcs_total", labels) for server, _ in encoders]
+        assert sum(counts) == 6 and min(counts) >= 2, counts
+    finally:
+        loop.run(decoder.stop(grace_s=0))
+        for server, _ in encoders:
+            loop.run(server.stop(grace_s=0))
+        loop.close()
+
+
+def test_text_only_decoder_refuses_media_and_drains_on_shutdown(tiny_ckpt_45):
+    loop = ServiceLoop()
+    config = decoder_config(tiny_ckpt_45)
+    config = replace(config, server=replace(config.server, shutdown_drain_s=0.5))
+    decoder = start_decoder(loop, config)
+    client = stub(decoder.port)
+    try:
+        info = client.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+        assert list(info.modalities) == [pb.TEXT]
+        with pytest.raises(grpc.RpcError) as err:
+            collect(client.Generate(chat(image(png((1, 2, 3))), text("?")), timeout=10))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("invalid_image")
+        sampling = pb.SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        call = client.Generate(pb.GenerateRequest(prompt="go", sampling=sampling), timeout=60)
+        first = next(call)
+        stopping = asyncio.run_coroutine_threadsafe(decoder.stop(grace_s=None), loop.loop)
+        assert wait_for(lambda: health(decoder.port) == "NOT_SERVING", timeout=5)
+        ids, _, last = collect(call)
+        assert len(first.token_ids) + len(ids) == 40 and last.finish_reason == pb.LENGTH
+        stopping.result(timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            collect(client.Generate(pb.GenerateRequest(prompt="late"), timeout=5))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
         loop.close()
