@@ -155,6 +155,7 @@ class DecoderServer:
             model=model,
             mm_timeout_s=cfg.encoders.mm_per_request_timeout_s,
             max_active=cfg.engine.scheduler.max_running_requests + cfg.server.max_waiting_requests,
+            kv_capacity=engine.kv.num_blocks * cfg.engine.cache.block_size,
             metrics=metrics,
         )
 

@@ -64,6 +64,7 @@ class Runtime:
     model: convert.ServedModel
     mm_timeout_s: float
     max_active: int  # running + waiting requests before queue_full
+    kv_capacity: int  # tokens the whole KV pool holds (one request can never exceed it)
     metrics: DecoderMetrics | None
 
 
@@ -157,7 +158,8 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                 f"the prompt has {n} tokens; the context length is {limit}",
             )
         if inp.max_tokens is None:
-            return limit - n
+            # "the rest of the context", but never more than the KV pool could ever hold
+            return max(1, min(limit, rt.kv_capacity) - n)
         if n + inp.max_tokens > limit:
             raise invalid(
                 "max_tokens_exceeded",

@@ -318,13 +318,22 @@ def test_media_is_spread_over_two_healthy_encoders(tiny_ckpt_45):
         loop.close()
 
 
-def test_text_only_decoder_refuses_media_and_drains_on_shutdown(tiny_ckpt_45):
+def test_text_only_small_pool_decoder_refuses_media_and_drains_on_shutdown(tiny_ckpt_45):
     loop = ServiceLoop()
     config = decoder_config(tiny_ckpt_45)
-    config = replace(config, server=replace(config.server, shutdown_drain_s=0.5))
+    config = replace(
+        config,
+        server=replace(config.server, shutdown_drain_s=0.5),
+        engine=replace(config.engine, cache=replace(config.engine.cache, num_blocks=8)),
+    )
     decoder = start_decoder(loop, config)
     client = stub(decoder.port)
     try:
+        # without max_tokens a request may use the rest of what the (small) KV pool holds
+        endless = pb.SamplingParams(temperature=0, ignore_eos=True)
+        _, _, last = collect(client.Generate(pb.GenerateRequest(prompt="go", sampling=endless)))
+        assert last.finish_reason == pb.LENGTH
+        assert last.usage.prompt_tokens + last.usage.completion_tokens == 8 * 16
         info = client.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
         assert list(info.modalities) == [pb.TEXT]
         with pytest.raises(grpc.RpcError) as err:
