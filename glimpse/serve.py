@@ -164,10 +164,23 @@ def start(service: Service, log_dir: Path | None) -> None:
         out = open(service.log, "ab")  # noqa: SIM115 - the child keeps it open
     # NOTE: own sessions, so a terminal's Ctrl-C reaches only us and we stop them in order.
     service.process = subprocess.Popen(
-        service.argv, stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True
+        service.argv,
+        stdout=out,
+        stderr=subprocess.STDOUT if out else None,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
     if out is not None:
         out.close()
+
+
+def _die_with_parent() -> None:
+    # Runs in the child before exec: if `glimpse serve` itself is killed (SIGKILL, OOM), the
+    # kernel sends the child SIGTERM instead of leaving it running without a supervisor.
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def stop_all(services: list[Service]) -> None:
