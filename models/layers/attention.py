@@ -111,8 +111,11 @@ class Attention(torch.nn.Module):
             vh = vs.transpose(0, 1).repeat_interleave(groups, dim=0).to(q.dtype)
             # new tokens are the last n_q of the context: query j sees keys [0, n_k - n_q + j]
             mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
-            out[s:e] = o.transpose(0, 1)
+            # 4-D inputs keep SDPA on its fused CUDA kernels (3-D ones fall back to math)
+            o = F.scaled_dot_product_attention(
+                qh[None], kh[None], vh[None], attn_mask=mask, scale=self.scale
+            )
+            out[s:e] = o[0].transpose(0, 1)
         return out
 
     def _gather(self, block_table: torch.Tensor, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
