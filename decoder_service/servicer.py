@@ -38,6 +38,7 @@ from decoder_service.errors import (
 from decoder_service.inputs import GenerateInput
 from decoder_service.media_dispatch import MediaDispatcher, PreparedPrompt
 from decoder_service.metrics import DecoderMetrics, RequestTimer
+from decoder_service.request_stream import RequestStream
 from decoder_service.token_text import TokenText
 from protos import decoder_pb2 as pb
 from protos import decoder_pb2_grpc as pb_grpc
@@ -102,6 +103,7 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         deadline = time.monotonic() + budget
         prepared = await self._prompt(rt, inp, deadline)
         fetch: asyncio.Task[None] | None = None
+        stream: RequestStream | None = None  # ours once admitted (an id in use is not ours)
         attached: set[int] = set()
         rid = inp.request_id
         try:
@@ -129,9 +131,10 @@ class DecoderServicer(pb_grpc.DecoderServicer):
                     )
                 yield convert.response(chunk, rt.token_text)
         finally:
-            if rt.loop.is_active(rid):  # cancelled, deadline, or failed mid-stream
-                timer.finished("abort", len(prepared.token_ids), 0)
-            rt.loop.release(rid)
+            if stream is not None:
+                if not stream.finished:  # cancelled or deadline: the engine aborts it
+                    timer.finished("abort", len(prepared.token_ids), 0)
+                rt.loop.release(rid)
             if fetch is not None and not fetch.done():
                 fetch.cancel()
             unfetched = [p for p in prepared.pending if p.index not in attached]

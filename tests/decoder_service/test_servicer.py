@@ -260,7 +260,8 @@ def test_a_request_id_in_flight_cannot_be_reused(service):
         collect(client.Generate(long_request("twice"), timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("invalid_parameter.request_id")
-    call.cancel()
+    _, _, last = collect(call)  # the first request is untouched by the refused one
+    assert last.finish_reason == pb.LENGTH
     assert wait_for(lambda: engine_idle(decoder))
 
 
