@@ -7,7 +7,8 @@ text, or with ``--output-format json`` one JSON object with ``text``, ``token_id
 ``prompt_token_ids``, ``finish_reason`` and timing. ``--batch-size N`` submits the prompt N
 times at once (throughput check; the first request is printed). Bad input (unreadable media,
 invalid sampling values, a prompt that does not fit) exits with status 2 and a message on
-stderr. Engine flags come from ``engine/cli_args.py``.
+stderr. Engine flags come from ``engine/cli_args.py``; with ``--tp N`` this process is rank 0 and
+spawns the other ranks for the run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from decoder_service.engine.cli_args import (
 )
 from decoder_service.engine.engine import LLMEngine
 from decoder_service.engine.errors import InvalidRequestError
+from decoder_service.engine.parallel import start_workers
 from decoder_service.engine.sampling_params import SamplingParams
 from decoder_service.mm_local import prepare_prompt
 from models.glm4v.config import load_model_config
@@ -69,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return _run(args)
-    except (GlimpseModelError, InvalidRequestError, OSError) as exc:
+    except (GlimpseModelError, ValueError, OSError) as exc:  # ValueError: bad flag values
         print(f"glimpse generate: {exc}", file=sys.stderr)
         return 2
 
@@ -97,37 +99,48 @@ def _run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(config.load.dtype, device)
     has_media = bool(args.image or args.video)
     processor = MultimodalProcessor.from_pretrained(args.model_path)
-    model = load_model(
-        args.model_path,
-        dtype,
-        device,
-        config.load.load_format,
-        vision=has_media,
-        text=True,
-        seed=config.load.seed,
-    )
-    thinking = None if args.enable_thinking is None else args.enable_thinking == "on"
-    prepared = prepare_prompt(
-        processor, model.visual, args.prompt, args.image, args.video, enable_thinking=thinking
-    )
-    model.visual = None  # the tower's work is done; free its memory before sizing the KV pool
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    engine = LLMEngine(model, model_config, config, tokenizer=processor.tokenizer)
-    for i in range(args.batch_size):
-        # with a seed, every copy draws its own (reproducible) sample
-        p = params if params.seed is None else replace(params, seed=params.seed + i)
-        engine.add_request(
-            str(i),
-            prepared.prompt_token_ids,
-            p,
-            prepared.mm_items,
-            prepared.positions,
-            prepared.rope_delta,
+    workers = None
+    if config.parallel.tp > 1:
+        # before loading: rank 0's layers take their shard of the group it joins here
+        workers = start_workers(config.load, config.parallel, config.cache.block_size)
+    try:
+        # the vision tower is replicated, so rank 0 alone encodes the media
+        model = load_model(
+            args.model_path,
+            dtype,
+            device,
+            config.load.load_format,
+            vision=has_media,
+            text=True,
+            seed=config.load.seed,
         )
-    start = time.perf_counter()
-    done = engine.run_to_completion()
-    elapsed = time.perf_counter() - start
+        thinking = None if args.enable_thinking is None else args.enable_thinking == "on"
+        prepared = prepare_prompt(
+            processor, model.visual, args.prompt, args.image, args.video, enable_thinking=thinking
+        )
+        model.visual = None  # the tower's work is done; free its memory before sizing the KV pool
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        engine = LLMEngine(
+            model, model_config, config, tokenizer=processor.tokenizer, workers=workers
+        )
+        for i in range(args.batch_size):
+            # with a seed, every copy draws its own (reproducible) sample
+            p = params if params.seed is None else replace(params, seed=params.seed + i)
+            engine.add_request(
+                str(i),
+                prepared.prompt_token_ids,
+                p,
+                prepared.mm_items,
+                prepared.positions,
+                prepared.rope_delta,
+            )
+        start = time.perf_counter()
+        done = engine.run_to_completion()
+        elapsed = time.perf_counter() - start
+    finally:
+        if workers is not None:
+            workers.close()
     first = done["0"]
     generated = sum(len(r.token_ids) for r in done.values())
     if args.output_format == "json":

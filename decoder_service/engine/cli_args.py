@@ -4,6 +4,7 @@ Contract: ``add_engine_arguments(parser)`` adds the flags with defaults read fro
 dataclasses; ``engine_config_from_args(args)`` builds the frozen ``EngineConfig`` back from them.
 ``parse_mm_limits`` accepts ``image=4,video=1`` or the JSON ``{"image": 4, "video": 1}``.
 Resolving ``auto`` device/dtype against the machine is ``resolve_device`` / ``resolve_dtype``.
+``--tp`` / ``--ep`` are checked when the config is built (``ValueError``: ep must be 1 or tp).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from decoder_service.engine.config import (
     EngineConfig,
     LoadConfig,
     MediaLimits,
+    ParallelConfig,
     SchedulerConfig,
 )
 
@@ -28,6 +30,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     load, cache, sched, media = LoadConfig(), CacheConfig(), SchedulerConfig(), MediaLimits()
+    par = ParallelConfig()
     g = parser.add_argument_group("model")
     g.add_argument("--model-path", required=True, help="checkpoint directory (HF format)")
     g.add_argument("--dtype", choices=DTYPES, default=load.dtype, help="weights and activations")
@@ -79,6 +82,26 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=media,
         help=f"e.g. image={media.max_images},video={media.max_videos}",
     )
+    g = parser.add_argument_group("parallelism")
+    g.add_argument(
+        "--tp",
+        "--tensor-parallel-size",
+        type=int,
+        default=par.tp,
+        help="tensor-parallel ranks, one process (and GPU) each; rank r uses cuda:r",
+    )
+    g.add_argument(
+        "--ep",
+        "--expert-parallel-size",
+        type=int,
+        default=par.ep,
+        help="routed experts split whole across this many ranks: 1 (sliced by TP) or --tp",
+    )
+    g.add_argument(
+        "--expert-parallel",
+        action="store_true",
+        help="shorthand for --ep equal to --tp",
+    )
 
 
 def parse_mm_limits(text: str) -> MediaLimits:
@@ -119,6 +142,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             max_model_len=args.max_model_len,
         ),
         media=args.limit_mm_per_prompt,
+        parallel=ParallelConfig(tp=args.tp, ep=args.tp if args.expert_parallel else args.ep),
     )
 
 

@@ -1,9 +1,10 @@
 """Frozen engine configuration, composed of small parts; the CLI takes its defaults from here.
 
 Contract: ``EngineConfig`` = ``LoadConfig`` (what to load and where) + ``CacheConfig`` (KV pool)
-+ ``SchedulerConfig`` (per-step budgets) + ``MediaLimits`` (items per prompt). Values here are
-plain data; ``None`` means "derive at start-up" (``max_model_len`` from the checkpoint, the
-number of KV blocks from free GPU memory). Flag parsing lives in ``cli_args.py``.
++ ``SchedulerConfig`` (per-step budgets) + ``MediaLimits`` (items per prompt) + ``ParallelConfig``
+(tensor/expert-parallel ranks). Values here are plain data; ``None`` means "derive at start-up"
+(``max_model_len`` from the checkpoint, the number of KV blocks from free GPU memory). Flag
+parsing lives in ``cli_args.py``.
 """
 
 from __future__ import annotations
@@ -52,8 +53,31 @@ class MediaLimits:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1  # tensor-parallel ranks (one process each; rank 0 runs the scheduler)
+    ep: int = 1  # expert-parallel size of the routed experts: 1 (sliced by TP) or equal to tp
+    # seconds a collective may wait for a peer before failing (a dead peer is noticed sooner)
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"tensor-parallel size must be >= 1, got {self.tp}")
+        if self.ep not in (1, self.tp):
+            raise ValueError(
+                f"expert-parallel size must be 1 or equal to tp ({self.tp}), got {self.ep}"
+            )
+        if self.timeout_s <= 0:
+            raise ValueError(f"parallel timeout must be positive, got {self.timeout_s}")
+
+    @property
+    def expert_parallel(self) -> bool:
+        return self.ep > 1
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     media: MediaLimits = field(default_factory=MediaLimits)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

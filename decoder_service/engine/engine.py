@@ -6,6 +6,8 @@ Contract: ``add_request`` validates everything a caller controls and raises a ty
 ``RequestOutput`` per request that produced a token or finished in that step. ``attach_media``
 delivers embeddings that arrive after admission; ``abort_request`` ends a request and frees its
 blocks. ``stats()`` reports queue lengths, KV usage, preemptions and prefix-cache counters.
+With tensor parallelism (``workers`` from ``parallel.start_workers``) this object is rank 0:
+it schedules and samples while every step also runs on the worker ranks; ``close()`` stops them.
 The engine is single-threaded: callers serialise add/abort/step. Loading weights,
 chat templates and media decoding belong to the callers (``generate.py``, the decoder service).
 """
@@ -28,6 +30,7 @@ from decoder_service.engine.errors import (
 )
 from decoder_service.engine.kv_cache_manager import KVCacheManager
 from decoder_service.engine.model_runner import ModelRunner, RunnerOutput, TokenLogprobs
+from decoder_service.engine.parallel import ParallelExecutor, WorkerGroup
 from decoder_service.engine.request import MediaItem, Request, RequestStatus
 from decoder_service.engine.sampling_params import SamplingParams
 from decoder_service.engine.scheduler import Scheduler
@@ -86,6 +89,7 @@ class LLMEngine:
         model_config: ModelConfig,
         config: EngineConfig,
         tokenizer: Any | None = None,
+        workers: WorkerGroup | None = None,  # ranks 1..tp-1 (``parallel.start_workers``)
     ) -> None:
         self.config = config
         self.model_config = model_config
@@ -94,10 +98,14 @@ class LLMEngine:
             config.scheduler.max_model_len or model_config.text.max_position_embeddings
         )
         self.runner = ModelRunner(model, config.cache.block_size, self._media)
+        # with tensor parallelism every runner call is mirrored on the worker ranks
+        self.executor: ModelRunner | ParallelExecutor = (
+            self.runner if workers is None else ParallelExecutor(self.runner, workers)
+        )
         num_blocks = config.cache.num_blocks
         if num_blocks is None:
             if self.runner.device.type == "cuda":
-                num_blocks = self.runner.profile_num_blocks(
+                num_blocks = self.executor.profile_num_blocks(
                     config.scheduler.max_num_batched_tokens,
                     config.scheduler.max_running_requests,
                     config.cache.mem_fraction_static,
@@ -106,7 +114,7 @@ class LLMEngine:
                 num_blocks = CPU_DEFAULT_NUM_BLOCKS
         if num_blocks < 1:
             raise RuntimeError("no memory left for the KV cache; lower --mem-fraction-static use")
-        self.runner.allocate_kv_cache(num_blocks)
+        self.executor.allocate_kv_cache(num_blocks)
         self.kv = KVCacheManager(
             num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -202,9 +210,14 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         self.idle = scheduled.is_empty  # nothing could run (e.g. all wait for media)
-        result = self.runner.execute(scheduled)
+        result = self.executor.execute(scheduled)
         updates = self.scheduler.update_from_output(scheduled, result.sampled)
         return self._outputs(updates, result)
+
+    def close(self) -> None:
+        """Stop the worker ranks of a tensor-parallel engine (nothing to do in one process)."""
+        if isinstance(self.executor, ParallelExecutor):
+            self.executor.close()
 
     def run_to_completion(self) -> dict[str, CompletedRequest]:
         """Step until every request has finished; accumulate their outputs (offline use)."""

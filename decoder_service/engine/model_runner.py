@@ -9,7 +9,8 @@ boundary cuts an image in two), runs the model, and samples one token for every 
 reaches its request's last known token. ``allocate_kv_cache(num_blocks)`` binds one
 ``[2, num_blocks, block_size, Hk, D]`` tensor to every ``Attention`` layer; ``profile_num_blocks``
 sizes the pool on a GPU. Embeddings come from ``media_source(request_id, item_index)``, so a
-worker rank can serve them from its own copy. Scheduling and stop handling are not here.
+worker rank can serve them from its own copy; a worker runs ``execute(out, sample=False)``.
+Scheduling and stop handling are not here.
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ class ModelRunner:
     # ---- one step --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def execute(self, out: SchedulerOutput, sample: bool = True) -> RunnerOutput:
+        """Run one step; ``sample=False`` (worker ranks) stops after the logits."""
         self._update_states(out)
         if out.is_empty:
             return RunnerOutput({}, {})
@@ -139,7 +141,11 @@ class ModelRunner:
         hidden = self.model(step.input_ids, step.positions, step.meta, step.mm_embeds, step.mm_mask)
         if not step.sample_ids:
             return RunnerOutput({}, {})
+        # NOTE: with tensor parallelism the lm_head gathers the vocabulary shards, a collective
+        # every rank must join even though only rank 0 samples.
         logits = self.model.compute_logits(hidden[step.logits_indices])
+        if not sample:
+            return RunnerOutput({}, {})
         rows = [self._sampling_row(self.states[rid]) for rid in step.sample_ids]
         result = self.sampler(logits, rows)
         sampled = dict(zip(step.sample_ids, result.token_ids, strict=True))
