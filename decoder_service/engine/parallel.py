@@ -115,14 +115,18 @@ class WorkerGroup:
         failure leaves the ranks out of step, so the group is marked broken either way."""
         try:
             yield
-        except RuntimeError as exc:
-            if isinstance(exc, ParallelWorkerError):
-                self.broken = self.broken or str(exc)
-                raise
+        except ParallelWorkerError as exc:
+            self.broken = self.broken or str(exc)
+            raise
+        except RuntimeError as exc:  # collectives fail with RuntimeError when a peer is gone
             self.broken = self.broken or f"{type(exc).__name__}: {exc}"
             error = self._failure(grace_s=_EXIT_GRACE_S)
             if error is not None:
                 raise error from exc
+            raise
+        except BaseException as exc:
+            # NOTE: a call half done on some ranks cannot be lined up again; re-raised as is
+            self.broken = self.broken or f"{type(exc).__name__}: {exc}"
             raise
 
     def _failure(self, grace_s: float) -> ParallelWorkerError | None:
