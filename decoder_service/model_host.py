@@ -3,16 +3,15 @@
 Contract: ``load_engine(config)`` (blocking; run it in a thread) returns a ``LoadedModel``: the
 engine (rank 0's, with tensor parallelism), the ``MultimodalProcessor`` (chat template, tokenizer,
 placeholder expansion) and the parsed ``ModelConfig``. Only the text half of the checkpoint is
-loaded: vision runs in the encoder service. ``LoadedModel.close()`` releases what loading
-started (worker ranks with ``--tp`` > 1).
+loaded: vision runs in the encoder service. ``LoadedModel.close()`` stops what loading
+started (the worker ranks of ``--tp`` > 1).
 Not here: serving, the engine's own logic.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,25 +30,21 @@ class LoadedModel:
     engine: LLMEngine
     processor: MultimodalProcessor
     model_config: ModelConfig
-    _closers: list[Callable[[], None]] = field(default_factory=list)
 
     def close(self) -> None:
-        for closer in self._closers:
-            closer()
-        self._closers.clear()
+        self.engine.close()  # stops the worker ranks of a tensor-parallel engine
 
 
 def load_engine(config: DecoderServiceConfig) -> LoadedModel:
     load = config.engine.load
     processor = MultimodalProcessor.from_pretrained(load.model_path)
     model_config = load_model_config(load.model_path)
-    parallel = getattr(config.engine, "parallel", None)  # engines built without TP lack it
-    if parallel is not None and parallel.tp > 1:
+    if config.engine.parallel.tp > 1:
         # rank 0 here; ranks 1..tp-1 are processes the engine spawns and mirrors every step on
         from decoder_service.engine.parallel import load_parallel_engine
 
         engine = load_parallel_engine(config.engine, model_config, processor.tokenizer)
-        return LoadedModel(engine, processor, model_config, [engine.close])
+        return LoadedModel(engine, processor, model_config)
     device = resolve_device(load.device)
     dtype = resolve_dtype(load.dtype, device)
     model = load_model(

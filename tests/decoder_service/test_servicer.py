@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import signal
+import subprocess
+import sys
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -212,7 +216,8 @@ def test_bad_requests_get_invalid_argument_with_the_reason(service, case):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(reason)
     assert "0x" not in err.value.details()  # no reprs or addresses leak out
-    ids, _, _ = collect(client.Generate(pb.GenerateRequest(prompt="still fine?"), timeout=30))
+    fine = pb.GenerateRequest(prompt="still fine?", sampling=pb.SamplingParams(max_tokens=4))
+    ids, _, _ = collect(client.Generate(fine, timeout=30))
     assert ids
     assert wait_for(lambda: engine_idle(decoder))
 
@@ -354,3 +359,40 @@ def test_text_only_small_pool_decoder_refuses_media_and_drains_on_shutdown(tiny_
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         loop.close()
+
+
+def test_decoder_command_with_tp_2_answers_like_one_process(service, tiny_ckpt_45, tmp_path):
+    _, client, _ = service
+    port = free_port()
+    cmd = [sys.executable, "-m", "glimpse.cli", "decoder", "--model-path", str(tiny_ckpt_45)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--tp", "2", "--device", "cpu"]
+    cmd += ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--num-blocks", "128"]
+    cmd += ["--shutdown-drain-s", "0", "--shutdown-grace-s", "1"]
+    log = tmp_path / "decoder.log"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        assert wait_for(lambda: _serving(port) or proc.poll() is not None, timeout=90)
+        assert proc.poll() is None, log.read_text()
+        request = pb.GenerateRequest(
+            prompt="Two ranks", sampling=pb.SamplingParams(temperature=0, max_tokens=8)
+        )
+        expected, _, _ = collect(client.Generate(request, timeout=30))
+        got, _, _ = collect(stub(port).Generate(request, timeout=30))
+        assert got == expected
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert code == 0, log.read_text()
+
+
+def _serving(port: int) -> bool:
+    try:
+        return health(port) == "SERVING"
+    except grpc.RpcError:
+        return False
