@@ -8,7 +8,10 @@ Otherwise the new k/v are first written to the paged cache at ``meta.slot_mappin
 sequence attends over its whole context read from its block table.
 
 Backends: torch SDPA (CPU and fallback) lives here; flash-attn is used when installed and the
-tensors are on CUDA. What does not belong here: scheduling, block allocation, RoPE.
+tensors are on CUDA. The SDPA path has two shapes: a pure decode batch (one new token per
+sequence) gathers all sequences' paged KV in one indexing op and runs one batched SDPA; prefill
+and mixed batches run one SDPA per sequence (``is_causal`` when the whole context is new).
+What does not belong here: scheduling, block allocation, RoPE.
 """
 
 from __future__ import annotations
@@ -83,72 +86,163 @@ class Attention(torch.nn.Module):
 
     def _write_cache(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         cache = self.kv_cache
-        block_size = cache.shape[2]
         flat_k = cache[0].view(-1, self.num_kv_heads, self.head_dim)
         flat_v = cache[1].view(-1, self.num_kv_heads, self.head_dim)
         valid = slots >= 0
         idx = slots[valid]
         flat_k.index_copy_(0, idx, k[valid].to(cache.dtype))
         flat_v.index_copy_(0, idx, v[valid].to(cache.dtype))
-        del block_size
 
-    def _sdpa(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+    def _sdpa(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:  # [T, Hq, D]
+        if meta.block_tables is not None and is_pure_decode(q.shape[0], meta):
+            return self._sdpa_decode(q, meta)
+        return self._sdpa_per_sequence(q, k, v, meta)
+
+    def _sdpa_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """One new token per sequence: gather every sequence's paged KV in one indexing op,
+        padded to the longest context, and run one batched SDPA with a key-padding mask."""
+        cache = self.kv_cache  # [2, num_blocks, block_size, Hk, D]
+        b, block_size = q.shape[0], cache.shape[2]
+        n_blocks = (meta.max_seqlen_k + block_size - 1) // block_size
+        blocks = meta.block_tables[:, :n_blocks].long()  # [B, n_blocks]; padding ids are masked
+        kv = cache[:, blocks].to(q.dtype)  # [2, B, n_blocks, block_size, Hk, D]
+        kv = kv.view(2, b, n_blocks * block_size, self.num_kv_heads, self.head_dim)
+        kv = kv.transpose(2, 3)  # [2, B, Hk, L, D]
+        pos = torch.arange(n_blocks * block_size, device=q.device)
+        keep = pos[None, :] < meta.seq_lens_k.to(q.device)[:, None]  # [B, L] bool
+        return self._attend_one_token(q, kv[0], kv[1], keep[:, None, None, :])
+
+    def _attend_one_token(
+        self,
+        q: torch.Tensor,  # [B, Hq, D], one query per sequence
+        k: torch.Tensor,  # [B, Hk, L, D]
+        v: torch.Tensor,  # [B, Hk, L, D]
+        mask: torch.Tensor | None,  # [B, 1, 1, L] bool, True = attend; None = every key
+    ) -> torch.Tensor:  # [B, Hq, D]
+        # GQA without copying KV: a lone query token's heads that share a KV head become that
+        # KV head's query rows (head h = kv * groups + g, the repeat_interleave order), so plain
+        # SDPA on [B, Hk, groups, D] is exact on every backend, masked or not.
+        b = q.shape[0]
+        qg = q.reshape(b, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=self.scale)
+        return o.reshape(b, self.num_heads, self.head_dim)
+
+    def _sdpa_per_sequence(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
+        """Prefill and mixed batches: one SDPA per sequence over its own context."""
         cu = meta.cu_seqlens_q_cpu or meta.cu_seqlens_q.tolist()
         lens_k = meta.seq_lens_k_cpu or meta.seq_lens_k.tolist()
+        paged = meta.block_tables is not None
         out = torch.empty_like(q)
-        groups = self.num_heads // self.num_kv_heads
         for i in range(len(cu) - 1):
             s, e = cu[i], cu[i + 1]
             n_q, n_k = e - s, lens_k[i]
             if n_q == 0:
                 continue
-            if meta.block_tables is None:
-                ks, vs = k[s:e], v[s:e]
+            if not paged or (n_q == n_k and self.kv_cache.dtype == k.dtype):
+                ks, vs = k[s:e], v[s:e]  # the whole context is new: the cache holds these k/v
             else:
                 ks, vs = self._gather(meta.block_tables[i], n_k)
-            qh = q[s:e].transpose(0, 1)  # [H, n_q, D]
-            kh = ks.transpose(0, 1).repeat_interleave(groups, dim=0).to(q.dtype)
-            vh = vs.transpose(0, 1).repeat_interleave(groups, dim=0).to(q.dtype)
-            # new tokens are the last n_q of the context: query j sees keys [0, n_k - n_q + j]
-            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-            # 4-D inputs keep SDPA on its fused CUDA kernels (3-D ones fall back to math)
-            o = F.scaled_dot_product_attention(
-                qh[None], kh[None], vh[None], attn_mask=mask, scale=self.scale
-            )
-            out[s:e] = o[0].transpose(0, 1)
+            kh, vh = ks.transpose(0, 1)[None].to(q.dtype), vs.transpose(0, 1)[None].to(q.dtype)
+            if n_q == 1:
+                out[s:e] = self._attend_one_token(q[s:e], kh, vh, None)
+            else:
+                out[s:e] = self._attend_block(q[s:e], kh, vh)
         return out
+
+    def _attend_block(
+        self,
+        q: torch.Tensor,  # [n_q, Hq, D], the last n_q tokens of the context
+        k: torch.Tensor,  # [1, Hk, n_k, D]
+        v: torch.Tensor,  # [1, Hk, n_k, D]
+    ) -> torch.Tensor:  # [n_q, Hq, D]
+        n_q, n_k = q.shape[0], k.shape[2]
+        mask = None
+        if n_q != n_k:
+            # query j sees keys [0, n_k - n_q + j]; SDPA's is_causal aligns top-left instead
+            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+        gqa = mask is None and _native_gqa(q)
+        if not gqa:
+            groups = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # 4-D inputs keep SDPA on its fused CUDA kernels (3-D ones fall back to math)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=self.scale,
+            **({"enable_gqa": True} if gqa else {}),
+        )
+        return o[0].transpose(0, 1)
 
     def _gather(self, block_table: torch.Tensor, n_k: int) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.kv_cache
         block_size = cache.shape[2]
         n_blocks = (n_k + block_size - 1) // block_size
         blocks = block_table[:n_blocks].long()
-        ks = cache[0, blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:n_k]
-        vs = cache[1, blocks].reshape(-1, self.num_kv_heads, self.head_dim)[:n_k]
-        return ks, vs
+        kv = cache[:, blocks].reshape(2, -1, self.num_kv_heads, self.head_dim)[:, :n_k]
+        return kv[0], kv[1]
 
     def _flash(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         if meta.block_tables is None:
             return flash_attn_varlen_func(
-                q, k, v,
-                cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_q,
-                max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_q,
-                softmax_scale=self.scale, causal=True,
+                q,
+                k,
+                v,
+                cu_seqlens_q=meta.cu_seqlens_q,
+                cu_seqlens_k=meta.cu_seqlens_q,
+                max_seqlen_q=meta.max_seqlen_q,
+                max_seqlen_k=meta.max_seqlen_q,
+                softmax_scale=self.scale,
+                causal=True,
             )
         cache = self.kv_cache
-        return flash_attn_varlen_func(
-            q, cache[0], cache[1],
-            cu_seqlens_q=meta.cu_seqlens_q, max_seqlen_q=meta.max_seqlen_q,
-            cu_seqlens_k=None, seqused_k=meta.seq_lens_k, max_seqlen_k=meta.max_seqlen_k,
-            block_table=meta.block_tables, softmax_scale=self.scale, causal=True,
-        ) if _FLASH_PAGED_VARLEN else self._sdpa(q, k, v, meta)
+        return (
+            flash_attn_varlen_func(
+                q,
+                cache[0],
+                cache[1],
+                cu_seqlens_q=meta.cu_seqlens_q,
+                max_seqlen_q=meta.max_seqlen_q,
+                cu_seqlens_k=None,
+                seqused_k=meta.seq_lens_k,
+                max_seqlen_k=meta.max_seqlen_k,
+                block_table=meta.block_tables,
+                softmax_scale=self.scale,
+                causal=True,
+            )
+            if _FLASH_PAGED_VARLEN
+            else self._sdpa(q, k, v, meta)
+        )
+
+
+def is_pure_decode(num_tokens: int, meta: AttentionMetadata) -> bool:
+    """True when each of the batch's sequences brings exactly one new token (no host sync)."""
+    return meta.max_seqlen_q == 1 and num_tokens == meta.seq_lens_k.shape[0]
+
+
+def _native_gqa(q: torch.Tensor) -> bool:
+    # SDPA's enable_gqa is only fused by the flash backend (half types on CUDA, no mask); any
+    # other case would drop to the math kernel, slower than expanding the KV heads first.
+    return _HAS_ENABLE_GQA and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def _probe_enable_gqa() -> bool:
+    x = torch.zeros(1, 2, 1, 4)
+    try:
+        F.scaled_dot_product_attention(x, x[:, :1], x[:, :1], enable_gqa=True)
+    except TypeError:  # torch without the keyword
+        return False
+    return True
+
+
+_HAS_ENABLE_GQA = _probe_enable_gqa()
 
 
 def _use_flash(q: torch.Tensor) -> bool:
-    return flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (
-        torch.float16,
-        torch.bfloat16,
-    )
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return flash_attn_varlen_func is not None and q.is_cuda and half
 
 
 # flash-attn 2.x varlen accepts block_table with cu_seqlens_k; keep paged reads on SDPA until

@@ -6,7 +6,9 @@ Contract:
   (``n_group`` / ``topk_group``, groups ranked by the sum of their top-2 biased scores), top-k,
   then the *unbiased* scores of the chosen experts renormalised (+1e-20) and scaled.
 - ``FusedMoE(x, router_out) -> [T, H]`` float32 *partial* sum of the routed experts held by this
-  rank; the caller adds the shared expert and does the one all-reduce. Weights are stacked:
+  rank; the caller adds the shared expert and does the one all-reduce. The experts run through
+  ``experts_grouped`` (one sort, two grouped GEMMs, one ``index_add_``); ``experts_reference``
+  is the per-expert loop it must match. Weights are stacked:
   ``w13_weight [E_local, 2*I_local, H]`` (gate rows then up rows) and ``w2_weight
   [E_local, H, I_local]``; ``weight_loader(param, loaded, shard_id "w1"|"w3"|"w2", expert_id)``
   takes one checkpoint expert tensor. Sharding: expert parallel keeps whole experts
@@ -23,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from kernels.moe_grouped_gemm import grouped_mm
 from models.distributed import divide, get_parallel_state
 from models.layers.activation import silu_and_mul
 from models.layers.linear import check_shape, default_weight_loader
@@ -134,9 +137,50 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
         """x [T, H] -> [T, H] float32 partial sum over the experts/slices this rank holds."""
-        # NOTE: hook for a grouped-GEMM / Triton fused-experts kernel on CUDA; it must match
-        # ``experts_reference`` (tests compare against transformers through this path).
-        return experts_reference(x, self.w13_weight, self.w2_weight, route, self.expert_start)
+        # under EP some slots belong to other ranks; with all experts local none can
+        foreign = self.expert_parallel and self.world > 1
+        return experts_grouped(
+            x, self.w13_weight, self.w2_weight, route, self.expert_start, foreign_slots=foreign
+        )
+
+
+def experts_grouped(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E_local, 2I, H]
+    w2: torch.Tensor,  # [E_local, H, I]
+    route: RouterOutput,
+    expert_start: int = 0,
+    foreign_slots: bool = True,  # False only when every routed id is a local expert
+    use_fused: bool | None = None,  # passed to grouped_mm; None = its own choice
+) -> torch.Tensor:  # [T, H] float32
+    """Sort the (token, k) slots by expert once, run both expert GEMMs as grouped GEMMs over
+    contiguous row blocks, then weight and scatter-add back with one ``index_add_``.
+
+    Slots routed to another rank's experts get the key ``E_local``, so they sort after every
+    local group and fall past the last offset; their rows are zeroed before the combine. No step
+    reads a device value on the host, so the fused path stays free of stream synchronisation.
+    """
+    t, k = route.ids.shape
+    e_local = w13.shape[0]
+    out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
+    if t == 0:
+        return out
+    local = route.ids.reshape(-1) - expert_start  # [T*K]
+    if foreign_slots:
+        local = torch.where((local >= 0) & (local < e_local), local, e_local)
+    # stable, so the combine adds slots in the same order as the per-expert reference
+    keys, order = local.sort(stable=True)  # [T*K], [T*K]
+    bounds = torch.arange(1, e_local + 1, device=x.device, dtype=keys.dtype)
+    offs = torch.searchsorted(keys, bounds, out_int32=True)  # [E_local] end row of each expert
+    tokens = order // k  # [T*K] source token of each sorted slot
+    h = silu_and_mul(grouped_mm(x.index_select(0, tokens), w13, offs, use_fused))
+    y = grouped_mm(h, w2, offs, use_fused).float()  # [T*K, H]
+    y = y * route.weights.reshape(-1).index_select(0, order)[:, None]
+    if foreign_slots:
+        # rows past offs[-1] are unspecified (may hold NaN), so select rather than scale
+        y = torch.where((keys < e_local)[:, None], y, 0.0)
+    out.index_add_(0, tokens, y)
+    return out
 
 
 def experts_reference(
@@ -146,7 +190,8 @@ def experts_reference(
     route: RouterOutput,
     expert_start: int = 0,
 ) -> torch.Tensor:  # [T, H] float32
-    """Loop over the experts that received tokens; each runs one dense GEMM on its tokens."""
+    """Loop over the experts that received tokens; each gathers its tokens and runs one dense
+    GEMM. Kept as the reference ``experts_grouped`` is tested and benchmarked against."""
     t, k = route.ids.shape
     out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
     local_ids = route.ids.reshape(-1) - expert_start  # [T*K]

@@ -1,0 +1,88 @@
+"""Grouped GEMM over contiguous row blocks: the expert matmuls of a routed MoE layer.
+
+Contract: ``grouped_mm(x, w, offs)`` multiplies rows ``offs[g-1]:offs[g]`` of ``x [M, K]`` by
+``w[g].T`` where ``w [G, N, K]`` is stored like ``nn.Linear`` weights (out x in), and returns
+``[M, N]`` in ``x.dtype``. ``offs [G]`` int32 holds the cumulative *end* row of each group (group 0
+starts at row 0; empty groups repeat the previous end). Rows at or after ``offs[-1]`` are
+unspecified: callers that park rows there (e.g. slots routed to another rank) must mask them.
+
+Backends: on CUDA, ``torch._grouped_mm`` when this torch build runs it for the device and dtype
+(probed once per device and dtype on a tiny problem) and the operands meet its 16-byte alignment;
+otherwise ``grouped_mm_reference``: one dense GEMM per non-empty group on a slice of ``x``. CPU
+takes the reference by default because per-group BLAS calls beat the CPU build of
+``torch._grouped_mm`` (see bench/layers_bench.py); ``use_fused=True`` still forces it. The
+reference reads the offsets on the host, so it synchronises a CUDA stream; the fused path does not
+(it can be captured in a CUDA graph).
+
+What does not belong here: routing, the token permutation, the activation, the weighted combine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_PROBED: dict[tuple[str, int | None, torch.dtype], bool] = {}
+
+
+def grouped_mm(
+    x: torch.Tensor,  # [M, K]
+    w: torch.Tensor,  # [G, N, K]
+    offs: torch.Tensor,  # [G] int32, cumulative end row of each group
+    use_fused: bool | None = None,  # None = pick; False forces the reference loop
+) -> torch.Tensor:  # [M, N] x.dtype
+    if use_fused is None:
+        use_fused = fused_supported(x, w)
+    if not use_fused:
+        return grouped_mm_reference(x, w, offs)
+    return torch._grouped_mm(x.contiguous(), w.transpose(-2, -1), offs=offs.to(torch.int32))
+
+
+def grouped_mm_reference(
+    x: torch.Tensor,  # [M, K]
+    w: torch.Tensor,  # [G, N, K]
+    offs: torch.Tensor,  # [G] int32
+) -> torch.Tensor:  # [M, N] x.dtype; rows past offs[-1] left uninitialised
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.matmul(x[start:end], w[g].t(), out=out[start:end])
+        start = end
+    return out
+
+
+def fused_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """True when ``torch._grouped_mm`` is the better choice for these CUDA operands."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype != w.dtype or x.device != w.device:
+        return False
+    if not x.is_cuda or not _cuda_aligned(x, w):
+        return False
+    key = (x.device.type, x.device.index, x.dtype)
+    if key not in _PROBED:
+        _PROBED[key] = _probe(x.device, x.dtype)
+    return _PROBED[key]
+
+
+def _cuda_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
+    # CUTLASS grouped kernels need 16-byte aligned rows and base pointers.
+    size = x.element_size()
+    dims_ok = (x.shape[1] * size) % 16 == 0 and (w.shape[1] * size) % 16 == 0
+    ptrs_ok = x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
+    return dims_ok and ptrs_ok and w.stride(-1) == 1 and w.stride(-2) == w.shape[-1]
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run a tiny aligned problem once; a build without a kernel for it raises."""
+    # NOTE: this synchronises the device; the first forward (warm-up, before any CUDA graph
+    # capture) pays it, later calls only read the cached answer.
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(16, 32, generator=gen).to(device=device, dtype=dtype)
+    w = torch.randn(2, 16, 32, generator=gen).to(device=device, dtype=dtype)
+    offs = torch.tensor([8, 16], dtype=torch.int32, device=device)
+    try:
+        got = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    except (RuntimeError, NotImplementedError):
+        return False
+    want = grouped_mm_reference(x, w, offs)
+    # a kernel that runs but disagrees with dense GEMMs is not used
+    return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
