@@ -13,10 +13,7 @@ from pathlib import Path
 
 import pytest
 from e2e_media import draw_image, write_video
-from e2e_processes import System, start_serve, stop
-
-MAX_MODEL_LEN = 2048
-MAX_IMAGES = 3
+from e2e_processes import MAX_IMAGES, MAX_MODEL_LEN, System, start_serve, stop
 
 
 @pytest.fixture(scope="session")

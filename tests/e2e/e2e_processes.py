@@ -21,6 +21,9 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 120.0
+# limits the session's system is started with (conftest.py) and the bad-input tests rely on
+MAX_MODEL_LEN = 2048
+MAX_IMAGES = 3
 
 
 def free_port() -> int:

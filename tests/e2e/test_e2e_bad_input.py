@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import MAX_IMAGES, MAX_MODEL_LEN
 from e2e_media import data_url, draw_image, image_part, png_bytes, text_part, video_part
+from e2e_processes import MAX_IMAGES, MAX_MODEL_LEN
 
 
 def ask(parts: list[dict], **extra) -> dict:
