@@ -11,6 +11,7 @@ Not here: protobuf construction (convert.py), HTTP concerns (routes/, streaming.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 _MODEL_INFO_TIMEOUT_S = 5.0
 _HEALTH_TIMEOUT_S = 2.0
+_READY_POLL_S = 0.5  # between GetModelInfo tries while the decoder is loading
 _FRAMING_SLACK = 1024 * 1024
 
 
@@ -70,12 +72,22 @@ class DecoderClient:
         await self._channel.close()
 
     async def wait_until_ready(self, timeout: float) -> ModelInfo | None:
-        """Wait (``wait_for_ready``) for the decoder to answer; None when it never did."""
-        try:
-            return await self._fetch_info(timeout=timeout, wait_for_ready=True)
-        except DecoderError as exc:
-            log.warning("decoder not ready after %.0fs: %s", timeout, exc.code.name)
-            return None
+        """Wait until the decoder answers GetModelInfo; None when it never did within ``timeout``.
+
+        ``wait_for_ready`` covers a decoder that is not listening yet; a decoder that listens
+        but is still loading answers UNAVAILABLE at once, so that case is polled.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            try:
+                return await self._fetch_info(timeout=max(left, 0.01), wait_for_ready=True)
+            except DecoderError as exc:
+                if exc.code != grpc.StatusCode.UNAVAILABLE or left <= _READY_POLL_S:
+                    log.warning("decoder not ready after %.0fs: %s", timeout, exc.code.name)
+                    return None
+            await asyncio.sleep(_READY_POLL_S)
 
     async def model_info(self) -> ModelInfo:
         """The served model's description (cached after the first success)."""
