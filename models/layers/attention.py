@@ -9,8 +9,9 @@ sequence attends over its whole context read from its block table.
 
 Backends: torch SDPA (CPU and fallback) lives here; flash-attn is used when installed and the
 tensors are on CUDA. The SDPA path has two shapes: a pure decode batch (one new token per
-sequence) gathers all sequences' paged KV in one indexing op and runs one batched SDPA; prefill
-and mixed batches run one SDPA per sequence (``is_causal`` when the whole context is new).
+sequence) gathers all sequences' paged KV at once (one index op per K and V) and runs one
+batched SDPA; prefill and mixed batches run one SDPA per sequence (``is_causal`` when the
+whole context is new).
 What does not belong here: scheduling, block allocation, RoPE.
 """
 
@@ -99,18 +100,22 @@ class Attention(torch.nn.Module):
         return self._sdpa_per_sequence(q, k, v, meta)
 
     def _sdpa_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """One new token per sequence: gather every sequence's paged KV in one indexing op,
-        padded to the longest context, and run one batched SDPA with a key-padding mask."""
+        """One new token per sequence: gather every sequence's paged KV with one indexing op
+        per K and V, padded to the longest context, and run one batched SDPA with a key-padding
+        mask."""
         cache = self.kv_cache  # [2, num_blocks, block_size, Hk, D]
         b, block_size = q.shape[0], cache.shape[2]
         n_blocks = (meta.max_seqlen_k + block_size - 1) // block_size
-        blocks = meta.block_tables[:, :n_blocks].long()  # [B, n_blocks]; padding ids are masked
-        kv = cache[:, blocks].to(q.dtype)  # [2, B, n_blocks, block_size, Hk, D]
-        kv = kv.view(2, b, n_blocks * block_size, self.num_kv_heads, self.head_dim)
-        kv = kv.transpose(2, 3)  # [2, B, Hk, L, D]
+        # padding ids in the table are valid block numbers; what they point at is masked out
+        blocks = meta.block_tables[:, :n_blocks].reshape(-1).long()  # [B * n_blocks]
+        shape = (b, n_blocks * block_size, self.num_kv_heads, self.head_dim)
+        # index_select along the leading dim copies whole blocks (advanced indexing on
+        # cache[:, blocks] was several times slower on CPU)
+        k = cache[0].index_select(0, blocks).view(shape).transpose(1, 2).to(q.dtype)
+        v = cache[1].index_select(0, blocks).view(shape).transpose(1, 2).to(q.dtype)
         pos = torch.arange(n_blocks * block_size, device=q.device)
         keep = pos[None, :] < meta.seq_lens_k.to(q.device)[:, None]  # [B, L] bool
-        return self._attend_one_token(q, kv[0], kv[1], keep[:, None, None, :])
+        return self._attend_one_token(q, k, v, keep[:, None, None, :])  # k, v [B, Hk, L, D]
 
     def _attend_one_token(
         self,
@@ -181,8 +186,9 @@ class Attention(torch.nn.Module):
         block_size = cache.shape[2]
         n_blocks = (n_k + block_size - 1) // block_size
         blocks = block_table[:n_blocks].long()
-        kv = cache[:, blocks].reshape(2, -1, self.num_kv_heads, self.head_dim)[:, :n_k]
-        return kv[0], kv[1]
+        ks = cache[0].index_select(0, blocks).reshape(-1, self.num_kv_heads, self.head_dim)
+        vs = cache[1].index_select(0, blocks).reshape(-1, self.num_kv_heads, self.head_dim)
+        return ks[:n_k], vs[:n_k]
 
     def _flash(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
         if meta.block_tables is None:
