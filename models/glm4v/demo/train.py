@@ -104,10 +104,22 @@ def video_inputs(ex: scenes.Example):
     return frames, meta
 
 
+_PROMPTS: dict[tuple[str, bool, bool], str] = {}
+
+
+def render_prompt(processor, ex: scenes.Example, thinking: bool) -> str:
+    """The chat-template text; memoised because a handful of prompts repeat all run long and
+    rendering costs more than drawing and preprocessing an image."""
+    key = (ex.question, ex.image is not None, thinking)
+    if key not in _PROMPTS:
+        _PROMPTS[key] = processor.apply_chat_template(
+            messages_for(ex), add_generation_prompt=True, tokenize=False, enable_thinking=thinking
+        )
+    return _PROMPTS[key]
+
+
 def encode_example(processor, ex: scenes.Example, thinking: bool) -> dict:
-    prompt = processor.apply_chat_template(
-        messages_for(ex), add_generation_prompt=True, tokenize=False, enable_thinking=thinking
-    )
+    prompt = render_prompt(processor, ex, thinking)
     if ex.image is not None:
         enc = processor(text=[prompt], images=[ex.image], return_tensors="pt")
     else:
@@ -325,9 +337,11 @@ def train(args: argparse.Namespace) -> dict:
         avg = lm_loss.item() if avg is None else 0.98 * avg + 0.02 * lm_loss.item()
         if step % args.log_every == 0 or step == args.steps - 1:
             print(
-                f"step {step:5d} loss {avg:.4f} lr {lr_at(step):.2e} {time.time() - start:.0f}s",
+                f"step {step:5d} loss {avg:.4f} lr {lr_at(step):.2e} {time.time() - start:.0f}s"
+                f" (waiting for data {waited:.0f}s)",
                 flush=True,
             )
+        t_wait = time.time()
     elapsed = time.time() - start
     save_file(export_weights(model), str(out / "model.safetensors"), {"format": "pt"})
     acc = evaluate(model, processor, device, seed=args.eval_seed, per_kind=args.eval_per_kind)
@@ -335,6 +349,7 @@ def train(args: argparse.Namespace) -> dict:
         "steps": steps_done,
         "batch_size": args.batch_size,
         "train_seconds": round(elapsed),
+        "data_wait_seconds": round(waited),
         "device": str(device),
         "parameters": n_params,
         "heldout_accuracy": acc,
