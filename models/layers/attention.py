@@ -89,6 +89,8 @@ class Attention(torch.nn.Module):
         cache = self.kv_cache
         flat_k = cache[0].view(-1, self.num_kv_heads, self.head_dim)
         flat_v = cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        # NOTE: boolean indexing sizes its result on the host (a stream sync on CUDA, and not
+        # capturable in a CUDA graph); padded slots (-1) need another scheme before graphs.
         valid = slots >= 0
         idx = slots[valid]
         flat_k.index_copy_(0, idx, k[valid].to(cache.dtype))
