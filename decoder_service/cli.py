@@ -76,6 +76,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=enc.health_interval_s,
         help="seconds between health checks of each encoder",
     )
+    g.add_argument(
+        "--mm-transport",
+        choices=("auto", "cuda_ipc", "shm", "grpc_stream"),
+        default=enc.transport or "auto",
+        help="embedding path from encoders (auto: by host identity, falling back to grpc_stream)",
+    )
+    g.add_argument(
+        "--keep-mm-feature-on-device",
+        action=argparse.BooleanOptionalAction,
+        default=enc.keep_mm_feature_on_device,
+        help="keep fetched vision features on the GPU until prefill used them",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DecoderServiceConfig:
@@ -87,6 +99,8 @@ def config_from_args(args: argparse.Namespace) -> DecoderServiceConfig:
             mm_per_request_timeout_s=args.mm_per_request_timeout,
             health_interval_s=args.encoder_health_interval,
             max_message_bytes=args.max_message_bytes,
+            transport=None if args.mm_transport == "auto" else args.mm_transport,
+            keep_mm_feature_on_device=args.keep_mm_feature_on_device,
         ),
         server=ServerConfig(
             host=args.host,

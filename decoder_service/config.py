@@ -27,10 +27,18 @@ class EncoderPoolConfig:
     health_interval_s: float = 2.0
     # Largest gRPC message to or from an encoder (raw media travels inside Encode).
     max_message_bytes: int = 128 * MIB
+    # Embedding path: None = by host identity (cuda_ipc / shm on the same host, else
+    # grpc_stream); or force "cuda_ipc", "shm" or "grpc_stream".
+    transport: str | None = None
+    # Keep fetched vision features on the decoder's device until prefill consumed them (no
+    # device -> host copy); False parks them in host memory (saves GPU memory under long queues).
+    keep_mm_feature_on_device: bool = True
 
     def __post_init__(self) -> None:
         if self.mm_per_request_timeout_s <= 0 or self.health_interval_s <= 0:
             raise ValueError("encoder timeouts and intervals must be positive")
+        if self.transport not in (None, "cuda_ipc", "shm", "grpc_stream"):
+            raise ValueError(f"unknown transport {self.transport!r}")
 
 
 @dataclass(frozen=True)

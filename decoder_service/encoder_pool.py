@@ -71,7 +71,13 @@ class EncoderPool:
 
     def start(self) -> None:
         # One importer for all replicas: it opens and caches each same-host encoder's pool.
-        importer = self.importer = EmbeddingImporter(ImporterConfig(device=self.device))
+        importer = self.importer = EmbeddingImporter(
+            ImporterConfig(
+                device=self.device,
+                force_path=self.config.transport,
+                keep_on_device=self.config.keep_mm_feature_on_device,
+            )
+        )
         self.replicas = [
             Replica(url.removeprefix("grpc://"), self.config.max_message_bytes, importer)
             for url in self.config.encoder_urls

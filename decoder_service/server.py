@@ -33,6 +33,7 @@ from decoder_service.metrics import DecoderMetrics
 from decoder_service.model_host import LoadedModel, load_engine
 from decoder_service.servicer import DecoderServicer, Runtime
 from decoder_service.token_text import TokenText
+from encoder_service.transport.metrics import TransportCollector
 from protos import decoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -82,10 +83,15 @@ class DecoderServer:
         self.port = server.add_insecure_port(f"{limits.host}:{limits.port}")
         await server.start()
         self._server = server
+        self._pool.start()
         if limits.enable_metrics:
             self.metrics = DecoderMetrics(self.served_model_name)
+            if self._pool.importer is not None:
+                # which path each embedding took, and pools that could not be opened
+                self.metrics.registry.register(
+                    TransportCollector("decoder", [self._pool.importer.stats])
+                )
             self.metrics.serve_http(limits.metrics_port, limits.host)
-        self._pool.start()
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._load_task = loop.create_task(self._load_and_warm_up(), name="decoder-load")
