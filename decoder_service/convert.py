@@ -34,6 +34,10 @@ _ROLES = {
     "assistant": "assistant",
     "tool": "tool",
 }
+_TOOL_CHOICES = {  # modes that force a call (NONE drops the tools instead)
+    pb.ToolChoice.REQUIRED: "required",
+    pb.ToolChoice.NAMED: "named",
+}
 _FINISH = {"stop": pb.STOP, "length": pb.LENGTH, "abort": pb.ABORT}
 _MODALITIES = {"text": pb.TEXT, "image": pb.IMAGE, "video": pb.VIDEO}
 
@@ -60,6 +64,7 @@ def generate_input(msg: pb.GenerateRequest) -> GenerateInput:
     if len(request_id) > MAX_REQUEST_ID_CHARS or not request_id.isprintable():
         raise invalid_parameter("request_id", "request_id must be printable, at most 256 chars")
     sampling, max_tokens = sampling_params(msg.sampling)
+    budget = msg.sampling.thinking_budget if msg.sampling.HasField("thinking_budget") else None
     kind = msg.WhichOneof("input")
     chat = prompt = token_ids = None
     if kind == "chat":
@@ -74,13 +79,12 @@ def generate_input(msg: pb.GenerateRequest) -> GenerateInput:
         token_ids = list(msg.token_ids.ids)
     else:
         raise invalid("invalid_prompt", "set exactly one of chat, prompt or token_ids")
-    return GenerateInput(request_id, chat, prompt, token_ids, sampling, max_tokens)
+    return GenerateInput(request_id, chat, prompt, token_ids, sampling, max_tokens, budget)
 
 
 def sampling_params(sp: pb.SamplingParams) -> tuple[SamplingParams, int | None]:
-    """Engine parameters (max_tokens left at its default) and the requested max_tokens."""
-    if sp.HasField("thinking_budget"):
-        raise invalid_parameter("thinking_budget", "thinking_budget is not supported yet")
+    """Engine parameters (max_tokens left at its default, nothing forced yet: the forced token
+    ids need the tokenizer) and the requested max_tokens."""
     if sp.HasField("temperature") and not (
         math.isfinite(sp.temperature) and 0.0 <= sp.temperature <= 2.0
     ):
@@ -121,16 +125,18 @@ def _chat(chat: pb.ChatInput) -> ChatRequest:
         raise invalid("invalid_messages", "messages must not be empty")
     messages = [_message(i, m) for i, m in enumerate(chat.messages)]
     tools = [_tool(t) for t in chat.tools]
-    mode = chat.tool_choice.mode
+    mode, name = chat.tool_choice.mode, ""
     if mode == pb.ToolChoice.NAMED:
-        named = [t for t in tools if t["function"]["name"] == chat.tool_choice.function_name]
-        if not named:
+        name = chat.tool_choice.function_name
+        tools = [t for t in tools if t["function"]["name"] == name]
+        if not tools:
             raise invalid_parameter("tool_choice", "tool_choice names a function not in tools")
-        tools = named  # the model is shown only the function it must call
+        # the model is shown only the function it must call
     elif mode == pb.ToolChoice.NONE:
-        tools = []
+        tools = []  # not rendered: the model is not told about tools at all
+    choice = _TOOL_CHOICES.get(mode, "auto") if tools else "auto"
     thinking = chat.enable_thinking if chat.HasField("enable_thinking") else None
-    return ChatRequest(messages, tools or None, thinking)
+    return ChatRequest(messages, tools or None, thinking, choice, name)
 
 
 def _message(index: int, msg: pb.ChatMessage) -> dict[str, Any]:

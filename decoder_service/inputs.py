@@ -31,6 +31,10 @@ class ChatRequest:
     messages: list[dict[str, Any]]  # OpenAI-style; media parts hold MediaSource payloads
     tools: list[dict[str, Any]] | None  # OpenAI `tools` entries for the template, None = none
     enable_thinking: bool | None  # None = the template's default
+    # "auto" (the model decides; also whenever ``tools`` is None), "required" (a call is forced
+    # once reasoning is over) or "named" (a call of ``tool_name``, the only tool in ``tools``)
+    tool_choice: str = "auto"
+    tool_name: str = ""  # the function a "named" choice calls
 
 
 @dataclass(frozen=True)
@@ -41,3 +45,4 @@ class GenerateInput:
     token_ids: list[int] | None
     sampling: SamplingParams  # max_tokens filled in once the prompt length is known
     max_tokens: int | None  # None = the rest of the context window
+    thinking_budget: int | None = None  # tokens allowed inside <think>; None = no limit

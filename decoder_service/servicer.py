@@ -2,8 +2,10 @@
 
 Contract: ``Generate`` converts the request (convert.py), prepares the prompt (chat: template +
 encoders via media_dispatch.py; prompt: tokenized verbatim; token ids: as given), checks the
-context budget, submits to the ``EngineLoop`` and streams ``GenerateResponse``s, starting the
-media fetch in the background once the request is admitted. Every failure leaves as a gRPC
+context budget, turns a thinking budget and a tool choice that requires a call into the engine's
+``ForcedTokens`` (token ids from the checkpoint's tokenizer), submits to the ``EngineLoop`` and
+streams ``GenerateResponse``s, starting the media fetch in the background once the request is
+admitted. Every failure leaves as a gRPC
 status with ``REASON[.PARAM]: message`` details (errors.py); nothing is reported inside OK
 messages. Cancellation or a passed deadline reaches the handler as ``CancelledError``; the
 ``finally`` block aborts the engine request (freeing its KV blocks) and releases encoder work.
@@ -25,6 +27,7 @@ import grpc
 
 from decoder_service import convert
 from decoder_service.engine.errors import InvalidRequestError
+from decoder_service.engine.sampling_params import ForcedTokens
 from decoder_service.engine_loop import EngineLoop, EngineRequest
 from decoder_service.errors import (
     ServiceError,
@@ -32,6 +35,7 @@ from decoder_service.errors import (
     from_engine_error,
     internal,
     invalid,
+    invalid_parameter,
     queue_full,
     unavailable,
 )
@@ -101,13 +105,18 @@ class DecoderServicer(pb_grpc.DecoderServicer):
             raise queue_full("too many requests are queued; retry later")
         budget = rt.mm_timeout_s if remaining is None else min(rt.mm_timeout_s, remaining)
         deadline = time.monotonic() + budget
+        forced = forced_tokens(rt.tokenizer, inp)  # before any encoder work: it may refuse
         prepared = await self._prompt(rt, inp, deadline)
         fetch: asyncio.Task[None] | None = None
         stream: RequestStream | None = None  # ours once admitted (an id in use is not ours)
         attached: set[int] = set()
         rid = inp.request_id
         try:
-            params = replace(inp.sampling, max_tokens=self._max_tokens(rt, inp, prepared))
+            params = replace(
+                inp.sampling,
+                max_tokens=self._max_tokens(rt, inp, prepared),
+                forced=forced,
+            )
             request = EngineRequest(
                 rid,
                 prepared.token_ids,
@@ -209,6 +218,30 @@ class DecoderServicer(pb_grpc.DecoderServicer):
         except ServiceError as err:
             await _abort(context, err, None)
         return convert.model_info(rt.model)
+
+
+def forced_tokens(tokenizer: Any, inp: GenerateInput) -> ForcedTokens | None:
+    """The engine's forcing policy for a thinking budget and a tool call the client requires
+    (GLM format: `</think>` is followed by a newline; a call opens with `<tool_call>NAME\n`)."""
+    chat = inp.chat
+    choice = chat.tool_choice if chat is not None else "auto"
+    if inp.thinking_budget is None and choice == "auto":
+        return None
+    think_start, think_end = tokenizer.token_to_id("<think>"), tokenizer.token_to_id("</think>")
+    if think_start is None or think_end is None:
+        param = "thinking_budget" if inp.thinking_budget is not None else "tool_choice"
+        raise invalid_parameter(param, "this model has no <think> and </think> tokens")
+    call = ""
+    if chat is not None and choice != "auto":  # "required" or "named"
+        call = "<tool_call>" + (f"{chat.tool_name}\n" if choice == "named" else "")
+    return ForcedTokens(
+        think_start_id=think_start,
+        think_end_id=think_end,
+        thinking_budget=inp.thinking_budget,
+        after_think_end=tuple(tokenizer.encode("\n", add_special_tokens=False).ids),
+        after_reasoning=tuple(tokenizer.encode(call, add_special_tokens=False).ids) if call else (),
+        turn_start_id=tokenizer.token_to_id("<|assistant|>"),
+    )
 
 
 def _fetch_crashed(task: asyncio.Task[None], rt: Runtime, rid: str) -> None:

@@ -217,9 +217,15 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: Annotated[list[ToolDef], Field(max_length=MAX_TOOLS)] | None = None
+    # "auto" (default): the model decides. "none": the tools are not shown to the model and no
+    # tool call is parsed. "required": once reasoning is over the decoder forces `<tool_call>`,
+    # so the answer is a call. Named: only that function is shown and the decoder forces
+    # `<tool_call>NAME\n`; the model writes the arguments. (protos/decoder.proto ToolChoice.)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # Glimpse extension: most tokens to spend inside <think> before it is closed.
+    # Glimpse extension: most tokens the model may generate inside <think>; then the decoder
+    # forces `</think>` + newline and the answer follows. Forced tokens count as completion
+    # tokens and carry the model's logprobs. None: unlimited; 0: closed as soon as it opens.
     thinking_budget: Annotated[StrictInt, Field(ge=0, le=UINT32_MAX)] | None = None
     response_format: dict[str, Any] | None = None
 

@@ -52,7 +52,7 @@ class RequestOutput:
     stop_reason: str | int | None  # the stop string or stop token id that ended it
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache
-    logprobs: list[TokenLogprobs] | None = None  # one per new token, when asked for
+    logprobs: list[TokenLogprobs] | None = None  # one per new token (forced ones too), if asked
 
 
 @dataclass
@@ -257,7 +257,7 @@ class LLMEngine:
                     )
                 elif req.finished:
                     text += detok.flush()
-            lp = result.logprobs.get(req.request_id)
+            lp = result.logprobs_of(req.request_id, new_ids[0])
             outputs.append(self._output(req, new_ids, text, [lp] if lp else None))
         return outputs
 

@@ -44,13 +44,22 @@ class _RequestState:
 
 
 class TokenLogprobs(NamedTuple):
-    logprob: float  # log p(sampled token) under the model
+    logprob: float  # log p(the token the request got) under the model
     top: list[tuple[int, float]]  # most likely tokens, best first
 
 
 class RunnerOutput(NamedTuple):
     sampled: dict[str, int]  # request id -> sampled token, for slices with ``sample``
-    logprobs: dict[str, TokenLogprobs]  # only for requests that asked
+    logprobs: dict[str, TokenLogprobs]  # of the sampled token; only for requests that asked
+    logprob_rows: dict[str, torch.Tensor]  # [V] float32 log-softmax, for those requests
+
+    def logprobs_of(self, request_id: str, token: int) -> TokenLogprobs | None:
+        """Log-probabilities of the token the request actually got: a forced token differs
+        from the sampled one, so its entry is read from the row the sampler saw."""
+        lp = self.logprobs.get(request_id)
+        if lp is None or token == self.sampled.get(request_id):
+            return lp
+        return TokenLogprobs(float(self.logprob_rows[request_id][token]), lp.top)
 
 
 class StepInputs(NamedTuple):
@@ -136,25 +145,26 @@ class ModelRunner:
         """Run one step; ``sample=False`` (worker ranks) stops after the logits."""
         self._update_states(out)
         if out.is_empty:
-            return RunnerOutput({}, {})
+            return RunnerOutput({}, {}, {})
         step = self.prepare_inputs(out)
         hidden = self.model(step.input_ids, step.positions, step.meta, step.mm_embeds, step.mm_mask)
         if not step.sample_ids:
-            return RunnerOutput({}, {})
+            return RunnerOutput({}, {}, {})
         # NOTE: with tensor parallelism the lm_head gathers the vocabulary shards, a collective
         # every rank must join even though only rank 0 samples.
         logits = self.model.compute_logits(hidden[step.logits_indices])
         if not sample:
-            return RunnerOutput({}, {})
+            return RunnerOutput({}, {}, {})
         rows = [self._sampling_row(self.states[rid]) for rid in step.sample_ids]
         result = self.sampler(logits, rows)
         sampled = dict(zip(step.sample_ids, result.token_ids, strict=True))
-        logprobs = {}
+        logprobs, logprob_rows = {}, {}
         if result.logprobs is not None:
             for i, rid in enumerate(step.sample_ids):
                 if rows[i].params.logprobs or rows[i].params.top_logprobs:
                     logprobs[rid] = TokenLogprobs(result.logprobs[i], result.top_logprobs[i])
-        return RunnerOutput(sampled, logprobs)
+                    logprob_rows[rid] = result.logprob_rows[i]
+        return RunnerOutput(sampled, logprobs, logprob_rows)
 
     def _update_states(self, out: SchedulerOutput) -> None:
         for rid in out.dropped_request_ids:

@@ -6,6 +6,9 @@ generated so far. ``num_computed_tokens`` counts tokens whose KV is in the cache
 advances it and resets it to 0 on preemption (recompute). Status moves
 WAITING -> RUNNING <-> PREEMPTED -> FINISHED_*. Media embeddings may arrive after admission
 (``MediaItem.embeds`` is None until then); prefill stops before the first missing item.
+``ForcingState`` follows a request's ``SamplingParams.forced`` policy over its tokens and says
+which token replaces the sampled one (``next_output_token``); it lives on rank 0 only, since
+workers are sent the chosen tokens.
 Not here: block bookkeeping (``kv_cache_manager.py``), stop strings (``detokenizer.py``).
 """
 
@@ -13,11 +16,12 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
-from decoder_service.engine.sampling_params import SamplingParams
+from decoder_service.engine.sampling_params import ForcedTokens, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -95,6 +99,72 @@ class MediaItem:
         return sum(e - s for s, e in self.spans)
 
 
+class ReasoningPhase(enum.Enum):
+    NOT_STARTED = "not_started"  # no `<think>` yet in this turn
+    THINKING = "thinking"  # inside an open `<think>` block
+    OVER = "over"  # `</think>` seen: the rest is the answer
+
+
+class ForcingState:
+    """One request's progress through its ``ForcedTokens`` policy (see sampling_params.py)."""
+
+    def __init__(self, policy: ForcedTokens, prompt_token_ids: list[int]) -> None:
+        self.policy = policy
+        self.pending: deque[int] = deque()  # tokens to force next, in order
+        self.thought = 0  # tokens generated inside the open `<think>` block
+        self.phase = _phase_at_end_of(prompt_token_ids, policy)
+        if self.phase is ReasoningPhase.OVER:  # the prompt closed thinking itself
+            self.pending.extend(policy.after_reasoning)
+
+    def choose(self, sampled: int) -> int:
+        """The next output token: the forced one when one is due, else ``sampled``."""
+        p = self.policy
+        if self.pending:
+            token = self.pending.popleft()
+        elif self._budget_spent():
+            self._end_reasoning(p.after_think_end + p.after_reasoning)
+            return p.think_end_id
+        else:
+            token = sampled
+        self._advance(token)
+        return token
+
+    def _budget_spent(self) -> bool:
+        budget = self.policy.thinking_budget
+        return (
+            self.phase is ReasoningPhase.THINKING and budget is not None and self.thought >= budget
+        )
+
+    def _advance(self, token: int) -> None:
+        p = self.policy
+        if self.phase is ReasoningPhase.OVER:
+            return
+        if token == p.think_end_id:
+            # the model closed thinking itself: only the tool call (if any) needs its lead-in
+            self._end_reasoning(p.after_think_end + p.after_reasoning if p.after_reasoning else ())
+        elif self.phase is ReasoningPhase.THINKING:
+            self.thought += 1
+        elif token == p.think_start_id:
+            self.phase = ReasoningPhase.THINKING
+
+    def _end_reasoning(self, then: tuple[int, ...]) -> None:
+        self.phase = ReasoningPhase.OVER
+        self.pending.extend(then)
+
+
+def _phase_at_end_of(prompt: list[int], policy: ForcedTokens) -> ReasoningPhase:
+    # The last marker after the last turn start decides; earlier turns are history (their
+    # closed `<think></think>` blocks say nothing about the turn being generated).
+    for token in reversed(prompt):
+        if token == policy.think_start_id:
+            return ReasoningPhase.THINKING
+        if token == policy.think_end_id:
+            return ReasoningPhase.OVER
+        if token == policy.turn_start_id:
+            break
+    return ReasoningPhase.NOT_STARTED
+
+
 @dataclass
 class Request:
     request_id: str
@@ -117,6 +187,8 @@ class Request:
     def __post_init__(self) -> None:
         self.mm_items.sort(key=lambda item: item.offset)
         self._all_token_ids = list(self.prompt_token_ids)
+        forced = self.sampling_params.forced
+        self.forcing = None if forced is None else ForcingState(forced, self.prompt_token_ids)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -142,6 +214,10 @@ class Request:
     @property
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None
+
+    def next_output_token(self, sampled: int) -> int:
+        """The token to append: ``sampled``, unless the forcing policy puts another in its place."""
+        return sampled if self.forcing is None else self.forcing.choose(sampled)
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

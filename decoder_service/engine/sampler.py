@@ -6,7 +6,9 @@ frequency over the output), then greedy rows take the argmax; the rest apply tem
 top-k, top-p, min-p and draw with the exponential-race trick (argmax of p / Exp(1) is a draw
 from p). A seeded row draws its noise from a generator seeded by (seed, number of tokens already
 generated), so its tokens do not depend on batch composition, preemption or other requests.
-Log-probabilities are of the model's own distribution (before penalties and temperature).
+Log-probabilities are of the model's own distribution (before penalties and temperature); the
+whole log-softmax rows come back too, so a token chosen after sampling (a forced one) gets its
+log-probability from the same logits.
 Stop handling is not here (scheduler and detokenizer).
 """
 
@@ -35,6 +37,7 @@ class SamplerOutput(NamedTuple):
     token_ids: list[int]  # one per row
     logprobs: list[float] | None  # log p(chosen token), per row; None if no row asked
     top_logprobs: list[list[tuple[int, float]]] | None  # per row: (token, logprob), best first
+    logprob_rows: torch.Tensor | None = None  # [N, V] float32 log-softmax; None if no row asked
 
 
 class Sampler:
@@ -52,7 +55,7 @@ class Sampler:
             tokens[idx] = drawn
         token_list = tokens.tolist()
         if raw_logprobs is None:
-            return SamplerOutput(token_list, None, None)
+            return SamplerOutput(token_list, None, None, None)
         chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
         k = max(r.params.top_logprobs for r in rows)
         top: list[list[tuple[int, float]]] = [[] for _ in rows]
@@ -61,7 +64,7 @@ class Sampler:
             for i, r in enumerate(rows):
                 n = r.params.top_logprobs
                 top[i] = list(zip(ids[i, :n].tolist(), values[i, :n].tolist(), strict=True))
-        return SamplerOutput(token_list, chosen, top)
+        return SamplerOutput(token_list, chosen, top, raw_logprobs)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -4,8 +4,10 @@ Contract: ``SamplingParams`` is frozen; ``validate(vocab_size)`` raises
 ``InvalidSamplingParamsError`` (with ``param`` set) for any value the sampler cannot honour.
 Temperature 0 means greedy. ``top_k`` of 0 or -1 disables top-k. Stop strings are matched on the
 detokenized text and never appear in it; stop token ids and the checkpoint's EOS ids (unless
-``ignore_eos``) end generation and are kept in ``token_ids``. How the values are applied lives in
-``sampler.py`` and ``detokenizer.py``, not here.
+``ignore_eos``) end generation and are kept in ``token_ids``. ``ForcedTokens`` is the optional
+policy that overrides sampled tokens around the model's `<think>` block (thinking budget, a tool
+call required once reasoning is over). How the values are applied lives in ``sampler.py``,
+``detokenizer.py`` and ``request.py`` (``ForcingState``), not here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,39 @@ from decoder_service.engine.errors import InvalidSamplingParamsError
 
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class ForcedTokens:
+    """Tokens the engine writes instead of the sampled ones, around the `<think>` block.
+
+    Reasoning is open after a `<think>` and over after a `</think>`; the prompt decides where a
+    request starts (its last marker after the last ``turn_start_id``; neither: not yet thinking).
+    Inside an open block, once ``thinking_budget`` tokens were generated the next token is forced
+    to `</think>`, followed by ``after_think_end``. Once reasoning is over (at that forced or a
+    generated `</think>`, or at the first output token when the prompt already closed it),
+    ``after_reasoning`` is forced; when there is such a sequence, a generated `</think>` gets
+    ``after_think_end`` before it too. Forced tokens are output tokens like any other (they
+    count towards ``max_tokens``, show in the text and carry the model's log-probability).
+    """
+
+    think_start_id: int  # `<think>`
+    think_end_id: int  # `</think>`
+    thinking_budget: int | None = None  # generated tokens allowed inside <think>; None = no limit
+    after_think_end: tuple[int, ...] = ()  # follows a forced `</think>` (GLM: the "\n")
+    after_reasoning: tuple[int, ...] = ()  # forced once reasoning is over (e.g. `<tool_call>`)
+    turn_start_id: int | None = None  # prompt tokens before the last of these are history
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "after_think_end", tuple(self.after_think_end))
+        object.__setattr__(self, "after_reasoning", tuple(self.after_reasoning))
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        """Every id the policy may force or look for (for vocabulary checks)."""
+        turn = () if self.turn_start_id is None else (self.turn_start_id,)
+        markers = (self.think_start_id, self.think_end_id, *turn)
+        return markers + self.after_think_end + self.after_reasoning
 
 
 @dataclass(frozen=True)
@@ -36,6 +71,7 @@ class SamplingParams:
     logprobs: bool = False  # return the log-probability of each generated token
     top_logprobs: int = 0  # also return this many most likely alternatives per position
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    forced: ForcedTokens | None = None  # tokens forced around <think> (budget, tool choice)
 
     def __post_init__(self) -> None:
         # Accept lists / a single string from callers while keeping the dataclass hashable.
@@ -90,6 +126,24 @@ class SamplingParams:
                 or (vocab_size is not None and tok >= vocab_size)
             ):
                 raise bad("stop_token_ids", f"token id {tok!r} is outside the vocabulary")
+        if self.forced is not None:
+            self._validate_forced(self.forced, vocab_size, bad)
+
+    @staticmethod
+    def _validate_forced(forced: ForcedTokens, vocab_size: int | None, bad) -> None:
+        budget = forced.thinking_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise bad("thinking_budget", f"must be an integer, got {budget!r}")
+        if budget is not None and budget < 0:
+            raise bad("thinking_budget", f"must be >= 0, got {budget}")
+        for tok in forced.token_ids:
+            if (
+                isinstance(tok, bool)
+                or not isinstance(tok, int)
+                or tok < 0
+                or (vocab_size is not None and tok >= vocab_size)
+            ):
+                raise bad("forced", f"token id {tok!r} is outside the vocabulary")
 
 
 def _finite(value: object) -> bool:

@@ -7,7 +7,8 @@ decodes before unfinished prefills, then waiting requests in arrival order (a re
 waiting for media embeddings is passed over, not blocking the queue). Prefills are cut into
 chunks of at most ``chunked_prefill_size`` tokens. When the KV pool runs out, the most recently
 admitted running request is preempted: its blocks are freed and it is recomputed later.
-``update_from_output`` advances each request by what was computed and appends sampled tokens,
+``update_from_output`` advances each request by what was computed and appends sampled tokens
+(or the token the request's forcing policy puts in a sampled token's place, see request.py),
 ending requests on EOS, stop token ids, ``max_tokens`` or ``max_model_len``. Stop strings are
 the detokenizer's; the engine ends those through ``finish_request``.
 """
@@ -212,7 +213,8 @@ class Scheduler:
         self, out: SchedulerOutput, sampled: dict[str, int]
     ) -> list[tuple[Request, list[int]]]:
         """Advance requests by one executed step; returns (request, new token ids) per request
-        that produced a token (including those it just finished)."""
+        that produced a token (including those it just finished). A forced token replaces the
+        sampled one here, on rank 0: the next step sends it to every rank like any token."""
         updates = []
         for seq in out.sequences:
             req = self.requests.get(seq.request_id)
@@ -221,7 +223,7 @@ class Scheduler:
             req.num_computed_tokens = seq.start + len(seq.token_ids)
             if not seq.sample:
                 continue
-            token = sampled[seq.request_id]
+            token = req.next_output_token(sampled[seq.request_id])
             req.append_output_token(token)
             self._check_stop(req, token)
             updates.append((req, [token]))

@@ -147,6 +147,65 @@ def test_stop_tokens_and_stop_strings_never_reach_the_text(service, tok):
     assert word not in out and full.startswith(out)
 
 
+def test_thinking_budget_closes_thinking_through_the_service(service, tok):
+    _, client, _ = service
+    think, end = tok.token_to_id("<think>"), tok.token_to_id("</think>")
+    newline = tok.encode("\n", add_special_tokens=False).ids
+    # a prompt that leaves the model inside an open <think> block
+    prompt = tok.encode("Think about the sea", add_special_tokens=False).ids + [think]
+
+    def ask(**budget: int) -> tuple[list[int], str, list[pb.TokenLogprob], pb.GenerateResponse]:
+        sampling = pb.SamplingParams(
+            temperature=0, max_tokens=10, ignore_eos=True, skip_special_tokens=False, **budget
+        )
+        sampling.logprobs = True
+        request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), sampling=sampling)
+        responses = list(client.Generate(request, timeout=60))
+        ids, text, last = collect(responses)
+        return ids, text, [lp for r in responses for lp in r.logprobs], last
+
+    free, _, free_lps, _ = ask()
+    assert end not in free[:3]
+    ids, out, lps, last = ask(thinking_budget=3)
+    assert ids[:3] == free[:3] and ids[3 : 4 + len(newline)] == [end, *newline]
+    assert out == tok.decode(ids, skip_special_tokens=False) and "</think>\n" in out
+    assert last.usage.completion_tokens == len(ids) == 10 and last.finish_reason == pb.LENGTH
+    assert [lp.token_id for lp in lps] == ids
+    assert lps[3].token == "</think>" and lps[3].logprob < 0
+    # before the budget ran out the model's own choices and their logprobs are untouched
+    assert [lp.logprob for lp in lps[:3]] == pytest.approx([lp.logprob for lp in free_lps[:3]])
+
+
+def test_tool_choice_required_named_and_none_through_the_service(service, tok):
+    _, client, _ = service
+    weather = pb.Tool(name="get_weather")
+    clock = pb.Tool(name="get_time")
+
+    def ask(tools: list[pb.Tool], mode=pb.ToolChoice.AUTO, name: str = ""):
+        request = chat(
+            text("Weather in Paris?"), temperature=0, max_tokens=8, skip_special_tokens=False
+        )
+        request.chat.enable_thinking = False  # the prompt closes thinking: `<think></think>\n`
+        request.chat.tools.extend(tools)
+        request.chat.tool_choice.mode, request.chat.tool_choice.function_name = mode, name
+        return collect(client.Generate(request, timeout=60))
+
+    _, auto_text, _ = ask([weather, clock])
+    assert not auto_text.startswith("<tool_call>")  # the model would not call on its own
+    ids, out, _ = ask([weather, clock], pb.ToolChoice.REQUIRED)
+    assert ids[0] == tok.token_to_id("<tool_call>") and out.startswith("<tool_call>")
+    named = tok.encode("<tool_call>get_time\n", add_special_tokens=False).ids
+    ids, out, last = ask([weather, clock], pb.ToolChoice.NAMED, "get_time")
+    assert ids[: len(named)] == named and out.startswith("<tool_call>get_time\n")
+    # the named function is the only one the model is shown
+    _, _, only_clock = ask([clock])
+    assert last.usage.prompt_tokens == only_clock.usage.prompt_tokens
+    # "none": tools are not rendered at all, so the answer is the tool-less one
+    no_tools_ids, _, no_tools = ask([])
+    ids, _, last = ask([weather, clock], pb.ToolChoice.NONE)
+    assert ids == no_tools_ids and last.usage.prompt_tokens == no_tools.usage.prompt_tokens
+
+
 def replace_sampling(base: pb.SamplingParams, **fields) -> pb.SamplingParams:
     out = pb.SamplingParams()
     out.CopyFrom(base)
@@ -174,9 +233,15 @@ BAD = {
         pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(stop=list("abcde"))),
         "invalid_parameter.stop",
     ),
-    "thinking budget": (
-        pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(thinking_budget=4)),
-        "invalid_parameter.thinking_budget",
+    "tool_choice names an unknown function": (
+        pb.GenerateRequest(
+            chat=pb.ChatInput(
+                messages=[pb.ChatMessage(role="user", content=[text("hi")])],
+                tools=[pb.Tool(name="get_weather")],
+                tool_choice=pb.ToolChoice(mode=pb.ToolChoice.NAMED, function_name="get_time"),
+            )
+        ),
+        "invalid_parameter.tool_choice",
     ),
     "max_tokens past the context": (
         pb.GenerateRequest(prompt="x", sampling=pb.SamplingParams(max_tokens=MAX_MODEL_LEN)),

@@ -3,7 +3,10 @@
 The served checkpoint is scripted (crafted_checkpoint.py) to answer any prompt greedily with
 ``<think>REASONING</think><tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>
 </tool_call>`` and then end its turn, so the expected OpenAI fields are known without the
-service: transformers' greedy generate confirms the script first.
+service: transformers' greedy generate confirms the script first. With thinking switched off the
+script still reasons first, so a tool call at the very start shows that tool_choice "required"
+was forced by the decoder; tool_choice "none" leaves the tools out of the prompt and the call
+unparsed.
 """
 
 from __future__ import annotations
@@ -104,3 +107,77 @@ def test_tool_call_and_reasoning_streamed(scripted):
     assert list(calls) == [0]
     assert calls[0]["name"] == NAME
     assert json.loads(calls[0]["arguments"]) == {KEY: VALUE}
+
+
+def test_required_tool_call_is_forced_when_the_prompt_closed_thinking(scripted):
+    from openai import OpenAI
+
+    system, _, _ = scripted
+    client = OpenAI(base_url=system.v1, api_key="none", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+
+    def ask(choice: str):
+        return client.chat.completions.create(
+            model=model,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice=choice,
+            max_tokens=64,
+            temperature=0,
+            extra_body=off,
+        ).choices[0]
+
+    # left to itself the script reasons first, although the prompt closed thinking ...
+    assert getattr(ask("auto").message, "reasoning_content", None) == REASONING
+    # ... "required" puts the call right at the start of the answer instead
+    choice = ask("required")
+    assert choice.finish_reason == "tool_calls"
+    assert not getattr(choice.message, "reasoning_content", None)
+    (call,) = choice.message.tool_calls
+    assert call.function.name == NAME and json.loads(call.function.arguments) == {KEY: VALUE}
+
+
+def test_required_tool_call_after_the_models_own_reasoning_streamed(scripted):
+    from openai import OpenAI
+
+    system, _, _ = scripted
+    client = OpenAI(base_url=system.v1, api_key="none", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    stream = client.chat.completions.create(
+        model=model,
+        messages=MESSAGES,
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=64,
+        temperature=0,
+        stream=True,
+    )
+    reasoning, names, arguments, finish = [], [], [], None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        choice = chunk.choices[0]
+        finish = choice.finish_reason or finish
+        reasoning.append(getattr(choice.delta, "reasoning_content", None) or "")
+        for tc in choice.delta.tool_calls or []:
+            names.append(tc.function.name or "")
+            arguments.append(tc.function.arguments or "")
+    assert finish == "tool_calls" and "".join(reasoning) == REASONING
+    assert "".join(names) == NAME and json.loads("".join(arguments)) == {KEY: VALUE}
+
+
+def test_tool_choice_none_hides_the_tools_and_parses_no_call(scripted):
+    from openai import OpenAI
+
+    system, _, _ = scripted
+    client = OpenAI(base_url=system.v1, api_key="none", max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    base = {"model": model, "messages": MESSAGES, "max_tokens": 64, "temperature": 0}
+    reply = client.chat.completions.create(**base, tools=TOOLS, tool_choice="none")
+    without_tools = client.chat.completions.create(**base)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls
+    assert choice.message.content.startswith("<tool_call>" + NAME)  # the text, not a call
+    # the tools were not rendered into the prompt
+    assert reply.usage.prompt_tokens == without_tools.usage.prompt_tokens
