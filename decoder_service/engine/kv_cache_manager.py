@@ -40,6 +40,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self._tables: dict[str, list[KVBlock]] = {}
+        self._ids: dict[str, list[int]] = {}  # the same tables as block ids, kept alongside
         self._num_registered: dict[str, int] = {}  # leading blocks already in the prefix cache
         self.prefix_queries = 0  # prompt tokens looked up in the cache
         self.prefix_hits = 0  # of which found
@@ -56,7 +57,9 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._tables.get(request_id, ())]
+        """A copy of the request's block table (a snapshot: the step that gets it may be sent
+        to other ranks while the table grows)."""
+        return list(self._ids.get(request_id, ()))
 
     def update_block_hashes(self, request: Request) -> None:
         """Extend ``request.block_hashes`` to every full block of its known tokens."""
@@ -97,6 +100,13 @@ class KVCacheManager:
     ) -> bool:
         """Make room for ``num_new_tokens`` after the computed (and newly cached) tokens."""
         table = self._tables.get(request.request_id, [])
+        if cached is None and table:
+            # the common decode step: the tokens still fit in the blocks the request holds
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(table) * self.block_size:
+                if total // self.block_size > self._num_registered.get(request.request_id, 0):
+                    self._register_full_blocks(request, table, total)
+                return True
         hit = cached.blocks if cached else []
         total = request.num_computed_tokens + (cached.num_tokens if cached else 0) + num_new_tokens
         need = max(self.blocks_for(total) - len(table) - len(hit), 0)
@@ -105,9 +115,10 @@ class KVCacheManager:
             return False
         self.pool.touch(hit)
         table = self._tables.setdefault(request.request_id, table)
-        table.extend(hit)
-        if need:
-            table.extend(self.pool.allocate(need))
+        ids = self._ids.setdefault(request.request_id, [])
+        new = hit + self.pool.allocate(need) if need else hit
+        table.extend(new)
+        ids.extend(b.block_id for b in new)
         self._register_full_blocks(request, table, total)
         return True
 
@@ -127,5 +138,6 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release a request's blocks; cached ones stay findable until evicted."""
         table = self._tables.pop(request.request_id, [])
+        self._ids.pop(request.request_id, None)
         self._num_registered.pop(request.request_id, None)
         self.pool.free(table[::-1])

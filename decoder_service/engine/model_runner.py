@@ -6,9 +6,13 @@ padding), computes its 3-D M-RoPE positions (prompt tokens from the request's po
 later tokens at ``index + rope_delta``), maps tokens to KV slots through the block tables,
 writes vision embeddings over the placeholder tokens the slice covers (also when a chunk
 boundary cuts an image in two), runs the model, and samples one token for every slice that
-reaches its request's last known token. ``allocate_kv_cache(num_blocks)`` binds one
-``[2, num_blocks, block_size, Hk, D]`` tensor to every ``Attention`` layer; ``profile_num_blocks``
-sizes the pool on a GPU. Embeddings come from ``media_source(request_id, item_index)``, so a
+reaches its request's last known token. A step's host work is a Python pass over the slices
+plus a fixed number of numpy ops, staged into one buffer and moved with one copy
+(``input_buffers.py``); per-request data (prompt position tables, block-table rows, the
+sampler's token lists) is kept across steps, not rebuilt. ``allocate_kv_cache(num_blocks)``
+binds one ``[2, num_blocks + 1, block_size, Hk, D]`` tensor to every ``Attention`` layer (the
+extra block is the padding scratch, ``pad_slot``); ``profile_num_blocks`` sizes the pool on a
+GPU. Embeddings come from ``media_source(request_id, item_index)``, so a
 worker rank can serve them from its own copy; a worker runs ``execute(out, sample=False)``.
 Scheduling and stop handling are not here.
 """
@@ -20,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from decoder_service.engine.input_buffers import BlockTables, StagingBuffer
 from decoder_service.engine.request import MediaRef
 from decoder_service.engine.sampler import Sampler, SamplingRow
 from decoder_service.engine.sampling_params import SamplingParams
@@ -35,12 +41,15 @@ MediaSource = Callable[[str, int], torch.Tensor]  # (request id, item index) -> 
 
 @dataclass
 class _RequestState:
-    params: SamplingParams
-    token_ids: list[int]  # prompt + generated tokens the runner has seen
+    # the sampler's view of the request; its token lists are the runner's own copies, kept
+    # current in place (generated tokens are appended as they come back), so no step copies them
+    sampling: SamplingRow
     num_prompt_tokens: int
     mm_items: list[MediaRef]
-    mrope_positions: torch.Tensor | None  # [3, num_prompt_tokens] int64 CPU
+    mm_end: int  # the end of the last placeholder span; slices starting here need no media
+    prompt_positions: np.ndarray | None  # [3, num_prompt_tokens] int64; None = 1-D text
     rope_delta: int
+    table_row: int  # the request's row in ``ModelRunner.tables``
 
 
 class TokenLogprobs(NamedTuple):
@@ -84,6 +93,9 @@ class ModelRunner:
         self.states: dict[str, _RequestState] = {}
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.num_blocks = 0
+        self.pad_slot = 0  # the scratch KV slot padded tokens write to (see allocate_kv_cache)
+        self.tables = BlockTables()
+        self.staging = StagingBuffer(self.device)
 
     # ---- KV cache --------------------------------------------------------------------------
 
@@ -93,10 +105,13 @@ class ModelRunner:
         return per_token * self.block_size * elem
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Bind ``num_blocks`` blocks, plus one scratch block past them that no block table
+        names: tokens a fixed-size (CUDA-graph) batch pads with write their KV there
+        (``pad_slot``), so the cache write needs no mask and no host sync."""
         for layer in self.attn_layers:
             layer.kv_cache = torch.zeros(
                 2,
-                num_blocks,
+                num_blocks + 1,
                 self.block_size,
                 layer.num_kv_heads,
                 layer.head_dim,
@@ -104,6 +119,7 @@ class ModelRunner:
                 device=self.device,
             )
         self.num_blocks = num_blocks
+        self.pad_slot = num_blocks * self.block_size
 
     @torch.inference_mode()
     def profile_num_blocks(
@@ -128,7 +144,7 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         budget = int((free - peak) * mem_fraction_static)
-        num_blocks = budget // self.bytes_per_block()
+        num_blocks = budget // self.bytes_per_block() - 1  # the scratch block comes on top
         log.info(
             "KV pool: %d blocks (%.2f GiB); activation peak %.2f GiB, free %.2f GiB",
             num_blocks,
@@ -155,7 +171,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[step.logits_indices])
         if not sample:
             return RunnerOutput({}, {}, {})
-        rows = [self._sampling_row(self.states[rid]) for rid in step.sample_ids]
+        rows = [self.states[rid].sampling for rid in step.sample_ids]
         result = self.sampler(logits, rows)
         sampled = dict(zip(step.sample_ids, result.token_ids, strict=True))
         logprobs, logprob_rows = {}, {}
@@ -168,115 +184,134 @@ class ModelRunner:
 
     def _update_states(self, out: SchedulerOutput) -> None:
         for rid in out.dropped_request_ids:
-            self.states.pop(rid, None)
+            st = self.states.pop(rid, None)
+            if st is not None:
+                self.tables.release(st.table_row)
         for new in out.new_requests:
             self.states[new.request_id] = self._new_state(new)
 
-    @staticmethod
-    def _new_state(new: NewRequestData) -> _RequestState:
+    def _new_state(self, new: NewRequestData) -> _RequestState:
+        prompt = list(new.prompt_token_ids)
+        output = list(new.output_token_ids)
+        table = new.mrope_positions
         return _RequestState(
-            params=new.sampling_params,
-            token_ids=list(new.prompt_token_ids) + list(new.output_token_ids),
-            num_prompt_tokens=len(new.prompt_token_ids),
+            sampling=SamplingRow(new.sampling_params, prompt, output),
+            num_prompt_tokens=len(prompt),
             mm_items=list(new.mm_items),
-            mrope_positions=new.mrope_positions,
+            mm_end=max((item.end for item in new.mm_items), default=0),
+            prompt_positions=None if table is None else table.to(torch.int64).numpy(),
             rope_delta=new.rope_delta,
-        )
-
-    @staticmethod
-    def _sampling_row(st: _RequestState) -> SamplingRow:
-        return SamplingRow(
-            st.params, st.token_ids[: st.num_prompt_tokens], st.token_ids[st.num_prompt_tokens :]
+            table_row=self.tables.add(),
         )
 
     def prepare_inputs(self, out: SchedulerOutput) -> StepInputs:
-        bs = self.block_size
+        """The flat batch as device tensors: a Python pass over the slices collects plain ints,
+        a fixed number of numpy ops builds every array, one copy moves them to the device."""
         ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        mm_rows: list[torch.Tensor] = []
-        mm_at: list[torch.Tensor] = []
-        cu, lens_k, logits_idx, sample_ids = [0], [], [], []
-        max_blocks = max(len(s.block_ids) for s in out.sequences)
-        tables = torch.zeros(len(out.sequences), max_blocks, dtype=torch.int32)
+        starts, lens, rows, prompt_lens, deltas, sample_at, sample_ids = [], [], [], [], [], [], []
+        prompt_slices: list[tuple[int, _RequestState, int]] = []  # (slice, state, start)
+        media_slices: list[tuple[int, str, _RequestState, int]] = []  # (slice, id, state, start)
+        tables = self.tables
+        max_blocks = 0
         for i, seq in enumerate(out.sequences):
             st = self.states[seq.request_id]
-            n = len(seq.token_ids)
-            start, end, cursor = seq.start, seq.start + n, cu[-1]
-            if end > len(st.token_ids):  # a token sampled last step, now fed back in
-                st.token_ids.extend(seq.token_ids[len(st.token_ids) - start :])
-            ids.extend(seq.token_ids)
-            positions.append(self._positions(st, start, end))
-            table = torch.tensor(seq.block_ids, dtype=torch.int64)
-            tables[i, : len(seq.block_ids)] = table.to(torch.int32)
-            idx = torch.arange(start, end)
-            slots.append(table[idx // bs] * bs + idx % bs)
-            self._media_rows(seq.request_id, st, start, end, cursor, mm_rows, mm_at)
-            cu.append(cursor + n)
-            lens_k.append(end)
+            toks, start = seq.token_ids, seq.start
+            end = start + len(toks)
+            known = st.num_prompt_tokens + len(st.sampling.output_token_ids)
+            if end > known:  # a token sampled last step, now fed back in
+                st.sampling.output_token_ids.extend(toks[known - start :])
+            tables.sync(st.table_row, seq.block_ids)
+            max_blocks = max(max_blocks, len(seq.block_ids))
+            ids += toks
+            starts.append(start)
+            lens.append(len(toks))
+            rows.append(st.table_row)
+            prompt_lens.append(st.num_prompt_tokens)
+            deltas.append(st.rope_delta)
+            if start < st.num_prompt_tokens and st.prompt_positions is not None:
+                prompt_slices.append((i, st, start))
+            if start < st.mm_end:
+                media_slices.append((i, seq.request_id, st, start))
             if seq.sample:
-                logits_idx.append(cursor + n - 1)
+                sample_at.append(i)
                 sample_ids.append(seq.request_id)
-        dev = self.device
+        b, t = len(starts), len(ids)
+        start_np = np.array(starts, dtype=np.int64)
+        len_np = np.array(lens, dtype=np.int64)
+        cu = np.zeros(b + 1, dtype=np.int64)
+        np.cumsum(len_np, out=cu[1:])
+        lens_k = start_np + len_np
+        if t == b:  # pure decode: one token per slice
+            seq_of, pos = np.arange(b), start_np
+        else:
+            seq_of = np.repeat(np.arange(b), len_np)
+            pos = np.arange(t) + np.repeat(start_np - cu[:-1], len_np)
+        # generated tokens sit at n + rope_delta; prompt tokens at n unless they have a table
+        shift = np.where(pos >= np.array(prompt_lens)[seq_of], np.array(deltas)[seq_of], 0)
+        positions = np.repeat((pos + shift)[None], 3, axis=0)  # [3, T] int64
+        for i, st, start in prompt_slices:
+            stop = min(start + lens[i], st.num_prompt_tokens)
+            positions[:, cu[i] : cu[i] + stop - start] = st.prompt_positions[:, start:stop]
+        row_np = np.array(rows, dtype=np.int64)
+        bs = self.block_size
+        slots = tables.ids[row_np[seq_of], pos // bs].astype(np.int64) * bs + pos % bs
+        arrays = [
+            np.array(ids, dtype=np.int64),
+            positions,
+            slots,
+            cu[1:][sample_at] - 1,  # logits rows: each sampled slice's last token
+            cu.astype(np.int32),
+            lens_k.astype(np.int32),
+            tables.ids[row_np, :max_blocks],
+        ]
+        mm_embeds = self._media_rows(media_slices, cu, lens, arrays) if media_slices else None
+        staged = self.staging.stage(arrays)
+        cu_list, lens_k_list = cu.tolist(), lens_k.tolist()
         meta = AttentionMetadata(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            seq_lens_k=torch.tensor(lens_k, dtype=torch.int32, device=dev),
-            max_seqlen_q=max(b - a for a, b in zip(cu, cu[1:], strict=False)),
-            max_seqlen_k=max(lens_k),
-            slot_mapping=torch.cat(slots).to(dev),
-            block_tables=tables.to(dev),
-            seq_lens_k_cpu=lens_k,
-            cu_seqlens_q_cpu=cu,
+            cu_seqlens_q=staged[4],
+            seq_lens_k=staged[5],
+            max_seqlen_q=max(lens),
+            max_seqlen_k=max(lens_k_list),
+            slot_mapping=staged[2],
+            block_tables=staged[6],
+            seq_lens_k_cpu=lens_k_list,
+            cu_seqlens_q_cpu=cu_list,
         )
-        mm_embeds = mm_mask = None
-        if mm_rows:
-            mm_embeds = torch.cat([r.to(dev) for r in mm_rows])
-            mm_mask = torch.zeros(len(ids), dtype=torch.bool)
-            mm_mask[torch.cat(mm_at)] = True
-            mm_mask = mm_mask.to(dev)
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.cat(positions, dim=1).to(dev),
+            input_ids=staged[0],
+            positions=staged[1],
             meta=meta,
             mm_embeds=mm_embeds,
-            mm_mask=mm_mask,
-            logits_indices=torch.tensor(logits_idx, dtype=torch.long, device=dev),
+            mm_mask=None if mm_embeds is None else staged[7],
+            logits_indices=staged[3],
             sample_ids=sample_ids,
         )
 
-    @staticmethod
-    def _positions(st: _RequestState, start: int, end: int) -> torch.Tensor:  # [3, end-start]
-        p = st.num_prompt_tokens
-        parts = []
-        if start < p:
-            stop = min(end, p)
-            if st.mrope_positions is not None:
-                parts.append(st.mrope_positions[:, start:stop])
-            else:
-                parts.append(torch.arange(start, stop).expand(3, -1))
-        if end > p:
-            parts.append((torch.arange(max(start, p), end) + st.rope_delta).expand(3, -1))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-
     def _media_rows(
         self,
-        rid: str,
-        st: _RequestState,
-        start: int,
-        end: int,
-        cursor: int,
-        rows_out: list[torch.Tensor],
-        at_out: list[torch.Tensor],
-    ) -> None:
-        """Embedding rows for the placeholders in [start, end), and their batch positions."""
-        for k, item in enumerate(st.mm_items):
-            if item.end <= start or item.offset >= end:
-                continue
-            embeds = self.media_source(rid, k)  # [item.num_embeds, H]
-            row = 0
-            for a, b in item.spans:
-                lo, hi = max(a, start), min(b, end)
-                if lo < hi:
-                    rows_out.append(embeds[row + lo - a : row + hi - a])
-                    at_out.append(torch.arange(cursor + lo - start, cursor + hi - start))
-                row += b - a
+        media_slices: list[tuple[int, str, _RequestState, int]],
+        cu: np.ndarray,  # [B+1] int64
+        lens: list[int],
+        arrays: list[np.ndarray],
+    ) -> torch.Tensor | None:  # [N_mm, H]
+        """Embedding rows for the placeholders the slices cover (None: the slices hold text
+        only); the [T] bool mask of the batch tokens they replace is appended to ``arrays``."""
+        rows: list[torch.Tensor] = []
+        mask = np.zeros(int(cu[-1]), dtype=np.bool_)
+        for i, rid, st, start in media_slices:
+            end, cursor = start + lens[i], int(cu[i])
+            for k, item in enumerate(st.mm_items):
+                if item.end <= start or item.offset >= end:
+                    continue
+                embeds = self.media_source(rid, k)  # [item.num_embeds, H]
+                row = 0
+                for a, b in item.spans:
+                    lo, hi = max(a, start), min(b, end)
+                    if lo < hi:
+                        rows.append(embeds[row + lo - a : row + hi - a])
+                        mask[cursor + lo - start : cursor + hi - start] = True
+                    row += b - a
+        if not rows:
+            return None
+        arrays.append(mask)
+        return torch.cat([r.to(self.device) for r in rows])

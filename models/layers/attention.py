@@ -37,7 +37,9 @@ class AttentionMetadata:
     seq_lens_k: torch.Tensor  # [B] int32, full context length per sequence (cached + new)
     max_seqlen_q: int  # longest run of new tokens in the batch
     max_seqlen_k: int  # longest context in the batch
-    slot_mapping: torch.Tensor | None = None  # [T] int64, cache slot per new token; -1 = skip
+    # [T] int64, cache slot per new token; every entry must be a valid slot (padding tokens
+    # name a scratch slot no block table uses, see ``Attention._write_cache``)
+    slot_mapping: torch.Tensor | None = None
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32; None = no KV cache
     seq_lens_k_cpu: list[int] | None = None  # same as seq_lens_k, host copy for the torch path
     cu_seqlens_q_cpu: list[int] | None = None  # same as cu_seqlens_q, host copy
@@ -89,12 +91,12 @@ class Attention(torch.nn.Module):
         cache = self.kv_cache
         flat_k = cache[0].view(-1, self.num_kv_heads, self.head_dim)
         flat_v = cache[1].view(-1, self.num_kv_heads, self.head_dim)
-        # NOTE: boolean indexing sizes its result on the host (a stream sync on CUDA, and not
-        # capturable in a CUDA graph); padded slots (-1) need another scheme before graphs.
-        valid = slots >= 0
-        idx = slots[valid]
-        flat_k.index_copy_(0, idx, k[valid].to(cache.dtype))
-        flat_v.index_copy_(0, idx, v[valid].to(cache.dtype))
+        # NOTE: every token is written, padding included: a padded token's slot is a scratch
+        # slot past the blocks the pool hands out (the model runner reserves one block for
+        # it). Skipping padding with a mask (slots >= 0) would size the result on the host,
+        # a stream sync on CUDA that a CUDA graph cannot capture.
+        flat_k.index_copy_(0, slots, k.to(cache.dtype))
+        flat_v.index_copy_(0, slots, v.to(cache.dtype))
 
     def _sdpa(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:  # [T, Hq, D]
         if meta.block_tables is not None and is_pure_decode(q.shape[0], meta):
