@@ -108,6 +108,3 @@ class BlockTables:
             self.ids = wider
         self.ids[row, have:n] = block_ids[have:]
         self._lens[row] = n
-
-    def num_blocks(self, row: int) -> int:
-        return self._lens[row]
