@@ -174,7 +174,9 @@ def _parse_text(tc: dict[str, Any], top: dict[str, Any]) -> TextConfig:
     rope = tc.get("rope_parameters") or tc.get("rope_scaling") or {}
     theta = rope.get("rope_theta", tc.get("rope_theta", top.get("rope_theta", d.rope_theta)))
     section = rope.get("mrope_section", d.mrope_section)
-    partial = rope.get("partial_rotary_factor", tc.get("partial_rotary_factor", d.partial_rotary_factor))
+    partial = rope.get(
+        "partial_rotary_factor", tc.get("partial_rotary_factor", d.partial_rotary_factor)
+    )
     hidden = int(tc.get("hidden_size", d.hidden_size))
     heads = int(tc.get("num_attention_heads", d.num_attention_heads))
     eos = tc.get("eos_token_id", top.get("eos_token_id", list(d.eos_token_ids)))
@@ -206,7 +208,9 @@ def _parse_text(tc: dict[str, Any], top: dict[str, Any]) -> TextConfig:
         norm_topk_prob=get("norm_topk_prob", bool),
         attention_bias=get("attention_bias", bool),
         rms_norm_eps=get("rms_norm_eps", float),
-        tie_word_embeddings=bool(tc.get("tie_word_embeddings", top.get("tie_word_embeddings", False))),
+        tie_word_embeddings=bool(
+            tc.get("tie_word_embeddings", top.get("tie_word_embeddings", False))
+        ),
         eos_token_ids=eos_ids,
         pad_token_id=tc.get("pad_token_id", top.get("pad_token_id", d.pad_token_id)),
     )
