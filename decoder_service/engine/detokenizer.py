@@ -37,6 +37,7 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._prefix_offset = 0  # decode window start (context for the next piece)
         self._read_offset = 0  # tokens up to here are already part of ``text``
+        self._window: str | None = ""  # decode of ids[prefix:read]; None = not decoded yet
         self.text = ""  # complete text decoded so far (cut at a stop string if one matched)
         self._released = 0  # characters of ``text`` handed out
         self.stop_string: str | None = None  # the stop string that matched, if any
@@ -48,16 +49,25 @@ class IncrementalDetokenizer:
         """Add generated tokens; return the newly releasable text (may be empty)."""
         if self.stop_string is not None:
             return ""
-        self._ids.extend(token_ids)
-        before = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        after = self._decode(self._ids[self._prefix_offset :])
-        if len(after) > len(before) and not after.endswith(_REPLACEMENT):
-            searched_from = len(self.text)
-            self.text += after[len(before) :]
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
-            if self._stop and self._cut_at_stop(searched_from):
-                return self._release(len(self.text))
+        ids = self._ids
+        ids.extend(token_ids)
+        prefix, read = self._prefix_offset, self._read_offset
+        if self._window is None:  # the window's text changes only when text is released
+            self._window = self._decode(ids[prefix:read])
+        before = self._window
+        after = self._decode(ids[prefix:])
+        if len(after) <= len(before) or after.endswith(_REPLACEMENT):
+            return "" if not self._stop else self._release(len(self.text) - self._held_back())
+        new_text = after[len(before) :]
+        self._prefix_offset, self._read_offset, self._window = read, len(ids), None
+        if not self._stop:  # nothing to hold back: everything complete is released
+            self.text += new_text
+            self._released = len(self.text)
+            return new_text
+        searched_from = len(self.text)
+        self.text += new_text
+        if self._cut_at_stop(searched_from):
+            return self._release(len(self.text))
         return self._release(len(self.text) - self._held_back())
 
     def flush(self) -> str:
@@ -67,7 +77,7 @@ class IncrementalDetokenizer:
             tail = self._decode(self._ids[self._prefix_offset :])
             head = self._decode(self._ids[self._prefix_offset : self._read_offset])
             self.text += tail[len(head) :]
-            self._read_offset = len(self._ids)
+            self._read_offset, self._window = len(self._ids), None
         return self._release(len(self.text))
 
     def _cut_at_stop(self, searched_from: int) -> bool:

@@ -246,9 +246,11 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         outputs = [self._output(req, [], "", None) for req in self._aborted]
         self._aborted = []
+        detoks = self._detok
+        want_logprobs = bool(result.logprobs)
         for req, new_ids in updates:
             text = ""
-            detok = self._detok.get(req.request_id)
+            detok = detoks.get(req.request_id)
             if detok is not None:
                 text = detok.push(new_ids)
                 if detok.stop_string is not None and not req.finished:
@@ -257,18 +259,19 @@ class LLMEngine:
                     )
                 elif req.finished:
                     text += detok.flush()
-            lp = result.logprobs_of(req.request_id, new_ids[0])
+            lp = result.logprobs_of(req.request_id, new_ids[0]) if want_logprobs else None
             outputs.append(self._output(req, new_ids, text, [lp] if lp else None))
         return outputs
 
     def _output(self, req: Request, new_ids: list[int], text: str, logprobs) -> RequestOutput:
-        if req.finished:
+        finished = req.finished
+        if finished:
             self._detok.pop(req.request_id, None)
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new_ids,
             new_text=text,
-            finished=req.finished,
+            finished=finished,
             finish_reason=req.finish_reason,
             stop_reason=req.stop_reason,
             num_prompt_tokens=req.num_prompt_tokens,

@@ -58,14 +58,13 @@ class Glm4vMoeAttention(nn.Module):
         rotary: MRotaryEmbedding,
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, H]
-        qkv = self.qkv_proj(x)
-        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        t = x.shape[0]
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary.apply(q, k, rope)
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hk) * D], a fresh tensor this layer owns
+        t, hq, hk = x.shape[0], self.num_heads, self.num_kv_heads
+        # q and k heads are adjacent in each row: rotate them together, in place
+        qk = qkv[:, : (hq + hk) * self.head_dim].view(t, hq + hk, self.head_dim)
+        rotary.apply_(qk, rope)
+        q, k = qk[:, :hq], qk[:, hq:]
+        v = qkv[:, (hq + hk) * self.head_dim :].view(t, hk, self.head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -178,7 +177,7 @@ class Glm4vMoeTextModel(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # [T, H], replaces the token lookup
     ) -> torch.Tensor:  # [T, H]
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        rope = self.rotary_emb(positions)
+        rope = self.rotary_emb(positions, x.dtype)  # once per step, shared by every layer
         for layer in self.layers:
             x = layer(x, rope, self.rotary_emb, meta)
         return self.norm(x)

@@ -17,7 +17,8 @@ What does not belong here: scheduling, block allocation, RoPE.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32; None = no KV cache
     seq_lens_k_cpu: list[int] | None = None  # same as seq_lens_k, host copy for the torch path
     cu_seqlens_q_cpu: list[int] | None = None  # same as cu_seqlens_q, host copy
+    # built by the first layer that needs it, reused by the others (see ``decode_plan``)
+    _decode_plan: DecodePlan | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def prefill(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> AttentionMetadata:
@@ -58,6 +61,30 @@ class AttentionMetadata:
             seq_lens_k_cpu=list(seq_lens),
             cu_seqlens_q_cpu=cu,
         )
+
+
+class DecodePlan(NamedTuple):
+    """What a pure decode step's SDPA gather needs; the same for every layer of the step."""
+
+    block_size: int
+    blocks: torch.Tensor  # [B * n_blocks] int64, each sequence's first n_blocks table entries
+    keep: torch.Tensor  # [B, 1, 1, n_blocks * block_size] bool, True = a key in the context
+
+
+def decode_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> DecodePlan:
+    """The step's decode gather indices and key-padding mask, built once per metadata object
+    (all layers share one ``AttentionMetadata`` per step and one block size)."""
+    plan = meta._decode_plan
+    if plan is not None and plan.block_size == block_size:
+        return plan
+    n_blocks = (meta.max_seqlen_k + block_size - 1) // block_size
+    # padding ids in the table are valid block numbers; what they point at is masked out
+    blocks = meta.block_tables[:, :n_blocks].reshape(-1).long()
+    pos = torch.arange(n_blocks * block_size, device=device)
+    keep = pos[None, :] < meta.seq_lens_k.to(device)[:, None]  # [B, L]
+    plan = DecodePlan(block_size, blocks, keep[:, None, None, :])
+    meta._decode_plan = plan
+    return plan
 
 
 class Attention(torch.nn.Module):
@@ -108,18 +135,15 @@ class Attention(torch.nn.Module):
         per K and V, padded to the longest context, and run one batched SDPA with a key-padding
         mask."""
         cache = self.kv_cache  # [2, num_blocks, block_size, Hk, D]
-        b, block_size = q.shape[0], cache.shape[2]
-        n_blocks = (meta.max_seqlen_k + block_size - 1) // block_size
-        # padding ids in the table are valid block numbers; what they point at is masked out
-        blocks = meta.block_tables[:, :n_blocks].reshape(-1).long()  # [B * n_blocks]
-        shape = (b, n_blocks * block_size, self.num_kv_heads, self.head_dim)
-        # index_select along the leading dim copies whole blocks (advanced indexing on
-        # cache[:, blocks] was several times slower on CPU)
-        k = cache[0].index_select(0, blocks).view(shape).transpose(1, 2).to(q.dtype)
-        v = cache[1].index_select(0, blocks).view(shape).transpose(1, 2).to(q.dtype)
-        pos = torch.arange(n_blocks * block_size, device=q.device)
-        keep = pos[None, :] < meta.seq_lens_k.to(q.device)[:, None]  # [B, L] bool
-        return self._attend_one_token(q, k, v, keep[:, None, None, :])  # k, v [B, Hk, L, D]
+        plan = decode_plan(meta, cache.shape[2], q.device)
+        b, length = q.shape[0], plan.keep.shape[-1]
+        # one index_select over the block dim copies whole K and V blocks together (advanced
+        # indexing on cache[:, blocks] was several times slower on CPU)
+        kv = cache.index_select(1, plan.blocks).view(2, b, length, self.num_kv_heads, -1)
+        if kv.dtype != q.dtype:
+            kv = kv.to(q.dtype)
+        k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)  # [B, Hk, L, D]
+        return self._attend_one_token(q, k, v, plan.keep)
 
     def _attend_one_token(
         self,

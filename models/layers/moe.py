@@ -68,10 +68,12 @@ class TopKRouter(nn.Module):
         if self.n_group > 1:
             choice = self._limit_groups(choice)
         ids = torch.topk(choice, self.top_k, dim=-1, sorted=False).indices  # [T, K]
-        weights = scores.gather(1, ids)
+        weights = scores.gather(1, ids)  # fresh: renormalised and scaled in place
         if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return RouterOutput(weights * self.routed_scaling_factor, ids)
+            weights.div_(weights.sum(dim=-1, keepdim=True).add_(1e-20))
+        if self.routed_scaling_factor != 1.0:  # x * 1.0 is x: skip the op
+            weights.mul_(self.routed_scaling_factor)
+        return RouterOutput(weights, ids)
 
     def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:  # [T, E] -> [T, E]
         t = choice.shape[0]
@@ -112,6 +114,7 @@ class FusedMoE(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(e, hidden_size, i, dtype=dtype), False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        self._bounds: torch.Tensor | None = None  # [E_local] int64 1..E_local, lazily
 
     def weight_loader(
         self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert_id: int
@@ -139,9 +142,22 @@ class FusedMoE(nn.Module):
         """x [T, H] -> [T, H] float32 partial sum over the experts/slices this rank holds."""
         # under EP some slots belong to other ranks; with all experts local none can
         foreign = self.expert_parallel and self.world > 1
+        if self._bounds is None or self._bounds.device != x.device:
+            self._bounds = _expert_bounds(self.num_local_experts, x.device)
         return experts_grouped(
-            x, self.w13_weight, self.w2_weight, route, self.expert_start, foreign_slots=foreign
+            x,
+            self.w13_weight,
+            self.w2_weight,
+            route,
+            self.expert_start,
+            foreign_slots=foreign,
+            bounds=self._bounds,
         )
+
+
+def _expert_bounds(e_local: int, device: torch.device) -> torch.Tensor:  # [E_local] int64
+    # searchsorted of these in the sorted expert keys gives each expert's end row
+    return torch.arange(1, e_local + 1, device=device, dtype=torch.int64)
 
 
 def experts_grouped(
@@ -152,6 +168,7 @@ def experts_grouped(
     expert_start: int = 0,
     foreign_slots: bool = True,  # False only when every routed id is a local expert
     use_fused: bool | None = None,  # passed to grouped_mm; None = its own choice
+    bounds: torch.Tensor | None = None,  # [E_local] int64 1..E_local, reused across calls
 ) -> torch.Tensor:  # [T, H] float32
     """Sort the (token, k) slots by expert once, run both expert GEMMs as grouped GEMMs over
     contiguous row blocks, then weight and scatter-add back with one ``index_add_``.
@@ -170,7 +187,8 @@ def experts_grouped(
         local = torch.where((local >= 0) & (local < e_local), local, e_local)
     # stable, so the combine adds slots in the same order as the per-expert reference
     keys, order = local.sort(stable=True)  # [T*K], [T*K]
-    bounds = torch.arange(1, e_local + 1, device=x.device, dtype=keys.dtype)
+    if bounds is None:
+        bounds = _expert_bounds(e_local, x.device)
     offs = torch.searchsorted(keys, bounds, out_int32=True)  # [E_local] end row of each expert
     tokens = order // k  # [T*K] source token of each sorted slot
     h = silu_and_mul(grouped_mm(x.index_select(0, tokens), w13, offs, use_fused))

@@ -22,5 +22,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H], dtype of x
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        scale = xf.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()  # [..., 1] float32
+        out = (xf * scale).to(x.dtype)  # a fresh tensor either way: scale it in place
+        if out.dtype != self.weight.dtype:  # mixed dtypes: keep torch's type promotion
+            return self.weight * out
+        return out.mul_(self.weight)

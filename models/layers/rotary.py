@@ -2,9 +2,11 @@
 
 Contract: ``MRotaryEmbedding(head_dim, rotary_dim, base, mrope_section)`` maps positions ``[3, T]``
 (temporal, height, width) or plain ``[T]`` (text: t = h = w) to ``RotaryCos`` (cos/sin
-``[T, rotary_dim/2]`` float32) once per forward; ``apply(q, k, rope)`` rotates only the first
+``[T, 1, rotary_dim/2]``, computed in float32 then cast to the activation dtype) once per forward,
+shared by every layer; ``apply(q, k, rope)`` returns rotated copies and ``apply_(x, rope)`` rotates
+heads in place (the decoder's fresh q|k projection rows). Both rotate only the first
 ``rotary_dim`` dims of every head (rotate-half layout: dim i pairs with i + rotary_dim/2) and
-passes the rest through. Frequency index j takes its position from the section it falls in:
+pass the rest through. Frequency index j takes its position from the section it falls in:
 t for the first ``mrope_section[0]`` indices, h for the next ``[1]``, w for the last ``[2]``
 (contiguous sections, not interleaved).
 
@@ -21,8 +23,8 @@ from torch import nn
 
 
 class RotaryCos(NamedTuple):
-    cos: torch.Tensor  # [T, rotary_dim/2] float32
-    sin: torch.Tensor  # [T, rotary_dim/2] float32
+    cos: torch.Tensor  # [T, 1, rotary_dim/2] activation dtype (broadcasts over heads)
+    sin: torch.Tensor  # [T, 1, rotary_dim/2] activation dtype
 
 
 class MRotaryEmbedding(nn.Module):
@@ -52,28 +54,34 @@ class MRotaryEmbedding(nn.Module):
         sections = [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(self.mrope_section)]
         self.section_of.copy_(torch.cat(sections))
 
-    def forward(self, positions: torch.Tensor) -> RotaryCos:  # [3, T] or [T] int64
+    def forward(
+        self,
+        positions: torch.Tensor,  # [3, T] or [T] int64
+        dtype: torch.dtype = torch.float32,  # the activations' dtype
+    ) -> RotaryCos:
         if positions.dim() == 1:
             pos = positions.float()[:, None]  # [T, 1] broadcast over all sections
         else:
             # [3, T] -> per frequency index the position of its section: [T, rotary_dim/2]
             pos = positions.float().index_select(0, self.section_of).t()
-        angle = pos * self.inv_freq  # [T, rotary_dim/2] float32
-        return RotaryCos(angle.cos(), angle.sin())
+        angle = (pos * self.inv_freq)[:, None, :]  # [T, 1, rotary_dim/2] float32
+        # cast to the activation dtype before any multiply, as the reference does; done here
+        # once per forward instead of in every layer
+        return RotaryCos(angle.cos().to(dtype), angle.sin().to(dtype))
 
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, rope: RotaryCos
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # q [T, Hq, D], k [T, Hk, D]
-        return _rotate(q, rope, self.rotary_dim), _rotate(k, rope, self.rotary_dim)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # q [T, Hq, D], k [T, Hk, D], rotated copies
+        q, k = q.clone(), k.clone()
+        self.apply_(q, rope)
+        self.apply_(k, rope)
+        return q, k
 
-
-def _rotate(x: torch.Tensor, rope: RotaryCos, rotary_dim: int) -> torch.Tensor:
-    # cos/sin cast to the activation dtype before the multiply, as the reference does
-    cos = rope.cos.to(x.dtype)[:, None, :]  # [T, 1, rd/2]
-    sin = rope.sin.to(x.dtype)[:, None, :]
-    half = rotary_dim // 2
-    x1, x2 = x[..., :half], x[..., half:rotary_dim]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    if rotary_dim == x.shape[-1]:
-        return out
-    return torch.cat((out, x[..., rotary_dim:]), dim=-1)
+    def apply_(self, x: torch.Tensor, rope: RotaryCos) -> None:  # x [T, H, D], rotated in place
+        # the same four products and two sums as x1*cos - x2*sin | x2*cos + x1*sin, each
+        # rounded the same way, without a concatenated copy of the heads
+        half = self.rotary_dim // 2
+        x1, x2 = x[..., :half], x[..., half : self.rotary_dim]
+        x1_sin = x1 * rope.sin
+        x1.mul_(rope.cos).sub_(x2 * rope.sin)
+        x2.mul_(rope.cos).add_(x1_sin)

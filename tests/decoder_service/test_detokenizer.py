@@ -80,3 +80,21 @@ def test_random_token_streams_match_full_decode(tok):
     for _ in range(50):
         ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
         assert "".join(stream(IncrementalDetokenizer(tok), ids)) == tok.decode(ids)
+
+
+def test_uneven_chunks_hold_partial_characters_and_rejoin(tok):
+    # chunks of 1..3 tokens end inside multi-byte characters now and then; a held character
+    # must come out whole once its last byte arrives, and nothing may be lost or repeated
+    rng = random.Random(1)
+    for text in TEXTS:
+        ids = tok.encode(text).ids
+        for _ in range(10):
+            detok = IncrementalDetokenizer(tok)
+            pieces, i = [], 0
+            while i < len(ids):
+                n = rng.randint(1, 3)
+                pieces.append(detok.push(ids[i : i + n]))
+                i += n
+            pieces.append(detok.flush())
+            assert "".join(pieces) == text
+            assert not any("\ufffd" in p for p in pieces)
