@@ -1,23 +1,31 @@
 """Outbound address policy for media URLs (the SSRF rules).
 
-Contract: ``resolve_public(host, port, allow_private)`` resolves a host name once and returns the
-addresses the fetcher may connect to, or raises ``EncodeError(INVALID)`` when the host does not
-resolve or any of its addresses is not globally routable. The fetcher connects to the returned
+Contract: ``resolve_public(host, port, allow_private, timeout_s)`` resolves a host name once and
+returns the addresses the fetcher may connect to, or raises ``EncodeError(INVALID)`` when the host
+does not resolve or any of its addresses is not globally routable, and ``EncodeError(TIMEOUT)``
+when the resolver gives no answer within ``timeout_s``. The fetcher connects to the returned
 address itself, so a second (rebinding) DNS answer is never used. URL parsing and HTTP do not
 belong here.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import socket
 
-from encoder_service.errors import invalid
+from encoder_service.errors import invalid, timeout
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # 64:ff9b::/96 (NAT64) embeds an IPv4 address in its last 32 bits.
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+# getaddrinfo cannot be interrupted, so it runs on these threads and the caller stops waiting at
+# its timeout. A resolver that hangs keeps one of them busy until the system resolver gives up;
+# the pool bounds how many can pile up (later lookups wait in line and time out in turn).
+_RESOLVER_THREADS = 8
+_resolver = concurrent.futures.ThreadPoolExecutor(_RESOLVER_THREADS, thread_name_prefix="resolve")
 
 
 def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -47,10 +55,18 @@ def is_blocked(ip: IPAddress) -> bool:
     return ip.is_multicast or ip.is_unspecified or not ip.is_global
 
 
-def resolve_public(host: str, port: int, allow_private: bool) -> list[str]:
-    """Resolve ``host`` once; every resulting address must pass the policy."""
+def _lookup(host: str, port: int) -> list[tuple]:
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+
+
+def resolve_public(host: str, port: int, allow_private: bool, timeout_s: float) -> list[str]:
+    """Resolve ``host`` once (waiting at most ``timeout_s``); every address must pass the policy."""
+    pending = _resolver.submit(_lookup, host, port)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        infos = pending.result(timeout=max(timeout_s, 0.0))
+    except concurrent.futures.TimeoutError:
+        pending.cancel()  # still queued behind hung lookups: never start it
+        raise timeout(f"resolving host {host!r} timed out after {timeout_s:.1f}s") from None
     except (socket.gaierror, UnicodeError):
         raise invalid(f"cannot resolve host {host!r}") from None
     addresses: list[str] = []

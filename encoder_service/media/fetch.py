@@ -8,7 +8,8 @@ HTTP rules (the SSRF checklist): only http/https; the URL string must be plain A
 whitespace, control characters, backslashes or userinfo; the host is resolved once, every address
 must be public (unless ``allow_private_media_urls``), and the connection goes to that address
 (so DNS rebinding cannot swap it); redirects are followed by hand, at most ``max_redirects``,
-each hop validated like the first; connect, each read and the whole download share one deadline;
+each hop validated like the first; name resolution, connect, each read and the whole download
+share one deadline (a resolver that does not answer is abandoned at it);
 the body is read in chunks and the download is abandoned at the byte cap whatever
 Content-Length claims. Decoding the bytes does not belong here.
 """
@@ -124,7 +125,8 @@ def fetch_http(url: str, limits: MediaLimits) -> bytes:
     deadline = time.monotonic() + limits.media_fetch_timeout_s
     for _hop in range(limits.max_redirects + 1):
         target = _parse_http_url(url, limits)
-        address = resolve_public(target.host, target.port, limits.allow_private_media_urls)[0]
+        allow_private = limits.allow_private_media_urls
+        address = resolve_public(target.host, target.port, allow_private, _remaining(deadline))[0]
         conn_cls = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
         conn = conn_cls(target.host, target.port, address, _remaining(deadline))
         try:
