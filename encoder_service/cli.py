@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import ssl
 
 from encoder_service.config import (
     TRANSPORTS,
@@ -120,7 +121,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=list(media.allowed_media_domains),
         help="if given, only these hosts (and their subdomains) may be fetched",
     )
-    g.add_argument("--media-fetch-timeout", type=float, default=media.media_fetch_timeout_s)
+    g.add_argument(
+        "--media-fetch-timeout",
+        type=float,
+        default=media.media_fetch_timeout_s,
+        help="seconds one media download may take: DNS, connect and body together",
+    )
+    g.add_argument(
+        "--media-ca-bundle",
+        default=media.media_ca_bundle,
+        help="PEM file of CA certificates trusted for https media URLs instead of the system"
+        " store (certificates and host names are always verified)",
+    )
     g.add_argument("--max-media-bytes", type=int, default=media.max_media_bytes)
     g.add_argument("--max-redirects", type=int, default=media.max_redirects)
     g.add_argument(
@@ -140,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> EncoderConfig:
             allow_private_media_urls=args.allow_private_media_urls,
             allowed_media_domains=tuple(d.lower() for d in args.allowed_media_domains),
             media_fetch_timeout_s=args.media_fetch_timeout,
+            media_ca_bundle=args.media_ca_bundle,
             max_media_bytes=args.max_media_bytes,
             max_redirects=args.max_redirects,
             max_image_pixels=args.max_image_pixels,
@@ -211,6 +224,16 @@ def run(args: argparse.Namespace) -> int:
             allowed_root(config.media.allowed_local_media_path)
         except ValueError as exc:
             log.error("%s", exc)
+            return 2
+    if config.media.media_ca_bundle is not None:
+        from encoder_service.media.fetch import tls_context
+
+        try:
+            tls_context(config.media.media_ca_bundle)
+        except (OSError, ssl.SSLError):
+            log.error(
+                "--media-ca-bundle %s is not a readable PEM file", config.media.media_ca_bundle
+            )
             return 2
     if config.media.allow_private_media_urls:
         log.warning("--allow-private-media-urls is set: media URLs may reach internal addresses")

@@ -31,7 +31,10 @@ class MediaLimits:
     allowed_local_media_path: str | None = None  # file:// refused unless set
     allow_private_media_urls: bool = False  # test-only: permits loopback/private addresses
     allowed_media_domains: tuple[str, ...] = ()  # empty = any public host
-    media_fetch_timeout_s: float = 10.0  # connect, each read, and the whole download
+    media_fetch_timeout_s: float = 10.0  # DNS, connect, each read, and the whole download
+    # PEM file of CA certificates trusted for https media instead of the system store (None =
+    # system store). Certificates and host names are always verified.
+    media_ca_bundle: str | None = None
     max_media_bytes: int = 64 * MIB  # per item, for every source kind
     max_redirects: int = 3
     max_image_pixels: int = 40_000_000  # decode-time bomb limit (per image / per video frame)

@@ -8,9 +8,14 @@ a throwaway self-signed one made with the ``openssl`` command at test time.
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import socket
+import ssl
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -60,3 +65,92 @@ def test_hung_resolver_is_abandoned_at_the_fetch_timeout(hung_resolver):
     assert "stuck.example" in message and "resolv" in message
     assert elapsed < 1.5, f"fetch waited {elapsed:.2f}s for a resolver past its 0.3s timeout"
 
+
+@dataclasses.dataclass
+class TLSServer:
+    port: int
+    ca_file: str  # the server's own self-signed certificate, usable as a trust bundle
+    sni: list[str | None]  # server names the clients sent, in order
+
+    def url(self, host: str, path: str = "/a.png") -> str:
+        return f"https://{host}:{self.port}{path}"
+
+
+def _self_signed(tmp: Path) -> tuple[str, str]:
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    command = [
+        "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        "-subj", "/CN=media.test", "-addext", "subjectAltName=DNS:media.test",
+        "-keyout", str(key), "-out", str(cert),
+    ]  # fmt: skip
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot make a test certificate with the openssl command: {exc}")
+    return str(cert), str(key)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        body = b"tls-bytes" if self.path == "/a.png" else b""
+        self.send_response(200 if body else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory) -> Iterator[TLSServer]:
+    cert, key = _self_signed(tmp_path_factory.mktemp("tls"))
+    sni: list[str | None] = []
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda _sock, name, _ctx: sni.append(name)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    # a failed handshake raises OSError in accept(); socketserver drops that connection and
+    # keeps serving
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield TLSServer(server.server_address[1], cert, sni)
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def test_names(monkeypatch):
+    """Resolve media.test and other.test to 127.0.0.1; every other name as usual."""
+    real = socket.getaddrinfo
+
+    def fake(host, port, *args, **kwargs):
+        if host in ("media.test", "other.test"):
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port))]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+
+
+def test_https_fetch_with_a_trusted_ca_sends_the_host_name(tls_server, test_names):
+    trusted = dataclasses.replace(LOOPBACK_OK, media_ca_bundle=tls_server.ca_file)
+    tls_server.sni.clear()
+    # the socket goes to the resolved 127.0.0.1, yet the handshake names the URL's host
+    assert load(tls_server.url("media.test"), trusted) == b"tls-bytes"
+    assert tls_server.sni == ["media.test"]
+
+
+def test_https_certificates_are_verified_by_default(tls_server, test_names):
+    message = refused(tls_server.url("media.test"), LOOPBACK_OK)  # system store only
+    assert "certificate" in message and "media.test" in message
+
+
+def test_https_certificate_must_match_the_url_host(tls_server, test_names):
+    trusted = dataclasses.replace(LOOPBACK_OK, media_ca_bundle=tls_server.ca_file)
+    # same server, same address, trusted CA: only the name differs from the certificate's
+    message = refused(tls_server.url("other.test"), trusted)
+    assert "other.test" in message and "certificate" in message
+    message = refused(tls_server.url("127.0.0.1"), trusted)
+    assert "127.0.0.1" in message and "certificate" in message
