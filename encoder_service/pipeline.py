@@ -5,7 +5,11 @@ order, or raises ``EncodeError`` naming the first failing item (siblings are can
 fetch the bytes and decode/preprocess them on a worker thread (at most
 ``mm_max_concurrent_calls`` items at once; more wait in line, none are dropped), look the item up
 in the embedding cache (by raw bytes, then by decoded content), and otherwise hand it to the
-batcher. The whole call is bounded by ``timeout_s``.
+batcher. Items with the same content hash (decoded content + processing parameters) that are
+being encoded at the same moment share one tower run: later arrivals wait for the first one's
+result, and a failure reaches every waiter as the same error (the next arrival starts afresh).
+The shared run is abandoned only when every caller waiting for it has given up. The whole call
+is bounded by ``timeout_s``.
 gRPC, protos and where finished embeddings are kept do not belong here.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import time
 
 from encoder_service.batcher import VisionBatcher
@@ -20,9 +25,17 @@ from encoder_service.cache import EmbeddingCache
 from encoder_service.config import EncoderConfig
 from encoder_service.errors import EncodeError, timeout
 from encoder_service.items import EncodedItem, MediaItem
-from encoder_service.media.decode import MediaPreparer
+from encoder_service.media.decode import MediaPreparer, PreparedMedia
 from encoder_service.media.fetch import load_media_bytes
 from encoder_service.metrics import EncoderMetrics
+
+
+class _SharedRun:
+    """One tower run for a content hash and how many callers are waiting for it."""
+
+    def __init__(self, task: asyncio.Task[EncodedItem]) -> None:
+        self.task = task
+        self.waiters = 0
 
 
 class EncodePipeline:
@@ -42,6 +55,8 @@ class EncodePipeline:
         workers = config.batch.mm_max_concurrent_calls
         self._slots = asyncio.Semaphore(workers)
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="media")
+        self._running: dict[str, _SharedRun] = {}  # content hash -> the run in progress
+        self.tower_runs = 0  # items handed to the batcher (shared runs count once)
 
     async def close(self) -> None:
         await self._batcher.stop()
@@ -89,6 +104,9 @@ class EncodePipeline:
 
     async def _produce(self, item: MediaItem, use_cache: bool) -> EncodedItem:
         loop = asyncio.get_running_loop()
+        # sharing a concurrent run keeps nothing in memory, so it works with the cache disabled;
+        # only a caller that opts out of reuse altogether (warm-up) runs the tower on its own
+        share = use_cache
         use_cache = use_cache and self._cache.enabled
         async with self._slots:
             fetch_start = time.monotonic()
@@ -107,9 +125,51 @@ class EncodePipeline:
                 self._metrics.cache_hits.inc()
                 self._cache.put(hit, key)
                 return hit
+        if not share:
+            return await self._run_tower(item, prepared)
+        run = self._running.get(prepared.content_hash)
+        leader = run is None
+        if run is None:
+            run = self._start_shared(item, prepared)
+        result = await self._wait_shared(run)
+        if not leader:  # reused, not computed: reported like a cache hit
+            if use_cache:
+                self._metrics.cache_hits.inc()
+            result = dataclasses.replace(result, cache_hit=True)
+        if use_cache:
+            self._cache.put(result, key)
+        return result
+
+    def _start_shared(self, item: MediaItem, prepared: PreparedMedia) -> _SharedRun:
+        content_hash = prepared.content_hash
+        run = _SharedRun(asyncio.ensure_future(self._run_tower(item, prepared)))
+        self._running[content_hash] = run
+
+        def forget(_: asyncio.Task[EncodedItem]) -> None:
+            if self._running.get(content_hash) is run:
+                del self._running[content_hash]
+
+        run.task.add_done_callback(forget)
+        return run
+
+    async def _wait_shared(self, run: _SharedRun) -> EncodedItem:
+        run.waiters += 1
+        try:
+            # shield: one caller giving up (its deadline, a failed sibling) must not cancel the
+            # run the others are waiting for
+            return await asyncio.shield(run.task)
+        finally:
+            run.waiters -= 1
+            if run.waiters == 0 and not run.task.done():
+                run.task.cancel()  # nobody wants it any more: let the batcher drop the job
+            elif run.task.done() and not run.task.cancelled():
+                run.task.exception()  # retrieved: no "never retrieved" warning for a failure
+
+    async def _run_tower(self, item: MediaItem, prepared: PreparedMedia) -> EncodedItem:
         vision = prepared.vision
+        self.tower_runs += 1
         embedding = await self._batcher.encode(vision.pixel_values, vision.grid_thw)
-        result = EncodedItem(
+        return EncodedItem(
             content_hash=prepared.content_hash,
             modality=item.modality,
             embedding=embedding,
@@ -117,6 +177,3 @@ class EncodePipeline:
             timestamps=tuple(float(t) for t in vision.timestamps),
             cache_hit=False,
         )
-        if use_cache:
-            self._cache.put(result, key)
-        return result
