@@ -131,7 +131,7 @@ class EncodePipeline:
         leader = run is None
         if run is None:
             run = self._start_shared(item, prepared)
-        result = await self._wait_shared(run)
+        result = await self._wait_shared(run, prepared.content_hash)
         if not leader:  # reused, not computed: reported like a cache hit
             if use_cache:
                 self._metrics.cache_hits.inc()
@@ -141,18 +141,16 @@ class EncodePipeline:
         return result
 
     def _start_shared(self, item: MediaItem, prepared: PreparedMedia) -> _SharedRun:
-        content_hash = prepared.content_hash
         run = _SharedRun(asyncio.ensure_future(self._run_tower(item, prepared)))
-        self._running[content_hash] = run
-
-        def forget(_: asyncio.Task[EncodedItem]) -> None:
-            if self._running.get(content_hash) is run:
-                del self._running[content_hash]
-
-        run.task.add_done_callback(forget)
+        self._running[prepared.content_hash] = run
+        run.task.add_done_callback(lambda _: self._forget(prepared.content_hash, run))
         return run
 
-    async def _wait_shared(self, run: _SharedRun) -> EncodedItem:
+    def _forget(self, content_hash: str, run: _SharedRun) -> None:
+        if self._running.get(content_hash) is run:
+            del self._running[content_hash]
+
+    async def _wait_shared(self, run: _SharedRun, content_hash: str) -> EncodedItem:
         run.waiters += 1
         try:
             # shield: one caller giving up (its deadline, a failed sibling) must not cancel the
@@ -161,7 +159,11 @@ class EncodePipeline:
         finally:
             run.waiters -= 1
             if run.waiters == 0 and not run.task.done():
-                run.task.cancel()  # nobody wants it any more: let the batcher drop the job
+                # nobody wants it any more: let the batcher drop the job. Forgotten now, not
+                # when the cancellation lands, so a newcomer starts its own run instead of
+                # joining one that is being cancelled.
+                self._forget(content_hash, run)
+                run.task.cancel()
             elif run.task.done() and not run.task.cancelled():
                 run.task.exception()  # retrieved: no "never retrieved" warning for a failure
 

@@ -127,3 +127,36 @@ def test_a_failed_shared_run_fails_every_waiter_and_the_next_request_retries():
     assert all(f is failed[0] for f in failed)  # the same error, not N separate runs
     assert total_runs == 2  # the failure was not remembered: the next request ran the tower
     assert not retried[0][0].cache_hit and retried[0][0].embedding.shape[0] > 0
+
+
+def test_a_run_every_caller_gave_up_on_does_not_trap_a_newcomer():
+    async def main():
+        tower = GatedTower()
+        batcher = VisionBatcher(tower, max_batch_patches=1 << 16)
+        batcher.start()
+        preparer = MediaPreparer(ProcessorConfig(), MediaLimits(), salt=b"s" * 32)
+        pipeline = EncodePipeline(
+            EncoderConfig(), preparer, batcher, EmbeddingCache(64 << 20), EncoderMetrics()
+        )
+        try:
+            item = MediaItem(0, Modality.IMAGE, data=png((90, 90, 10)))
+            tower.gate.clear()
+            first = asyncio.ensure_future(pipeline.encode([item], 30.0))
+            deadline = time.monotonic() + 10.0
+            while not tower.entered.is_set():  # its forward is running (and held)
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+            first.cancel()  # the only caller gives up (client gone)
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            late = asyncio.ensure_future(pipeline.encode([item], 30.0))
+            await asyncio.sleep(0.3)  # the newcomer decodes and queues its own run
+            tower.gate.set()
+            return await late, tower.items
+        finally:
+            tower.gate.set()
+            await pipeline.close()
+
+    late, total_runs = asyncio.run(main())
+    assert not late[0].cache_hit and late[0].embedding.shape[0] > 0
+    assert total_runs == 2  # the abandoned forward finished unused; the newcomer ran its own
