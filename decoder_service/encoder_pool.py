@@ -4,8 +4,9 @@ Contract: ``EncoderPool(config)`` holds one ``EncoderClient`` per URL (created i
 inside the serving event loop). A background task per replica polls ``grpc.health.v1`` for the
 encoder service every ``health_interval_s``; a replica that answered UNAVAILABLE to a call is
 marked unhealthy at once. ``pick(exclude)`` returns the healthy replica with the fewest calls in
-flight (round-robin among equals; replicas not yet probed count as healthy, known-unhealthy ones
-are skipped) or None. ``Replica.busy()`` counts a call in flight.
+flight (round-robin among equals; replicas not yet probed count as healthy); replicas marked
+unhealthy come last, after every healthy one was tried, and None means all were tried.
+``Replica.busy()`` counts a call in flight.
 Not here: what is sent to the encoders (media_dispatch.py).
 """
 
@@ -26,7 +27,7 @@ from encoder_service.transport import EmbeddingImporter, ImporterConfig
 log = logging.getLogger(__name__)
 
 ENCODER_SERVICE = "glimpse.encoder.v1.Encoder"
-_HEALTH_TIMEOUT_S = 2.0
+_HEALTH_TIMEOUT_S = 5.0  # generous: a busy host answers slowly, and a miss is only a hint
 
 
 class Replica:
@@ -67,7 +68,8 @@ class EncoderPool:
         self.importer: EmbeddingImporter | None = None
         self.replicas: list[Replica] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._next = 0
+        self._picks = 0  # selections so far
+        self._last_pick: dict[str, int] = {}  # target -> selection number of its last pick
 
     def start(self) -> None:
         # One importer for all replicas: it opens and caches each same-host encoder's pool.
@@ -100,20 +102,26 @@ class EncoderPool:
         return bool(self.config.encoder_urls)
 
     def pick(self, exclude: set[str] = frozenset()) -> Replica | None:
-        candidates = [
-            r for r in self.replicas if r.healthy is not False and r.target not in exclude
-        ]
+        """The replica to try next: healthy ones first (least loaded, then round robin).
+
+        NOTE: a failed probe is a hint, not a verdict: a probe can time out on a busy host while
+        the encoder serves fine. A replica marked unhealthy is still tried once every healthy
+        one has been (the call itself then decides), so a request fails only after each
+        replica really refused it.
+        """
+        candidates = [r for r in self.replicas if r.target not in exclude]
         if not candidates:
             return None
-        n = len(self.replicas)
-        start = self._next
-        self._next = (self._next + 1) % n
 
-        def key(r: Replica) -> tuple[int, int, int]:
-            rotation = (self.replicas.index(r) - start) % n
-            return (r.in_flight, 0 if r.healthy else 1, rotation)
+        def key(r: Replica) -> tuple[int, int, int, int]:
+            # among equals, the one picked longest ago (round robin)
+            last = self._last_pick.get(r.target, -1)
+            return (1 if r.healthy is False else 0, r.in_flight, 0 if r.healthy else 1, last)
 
-        return min(candidates, key=key)
+        chosen = min(candidates, key=key)
+        self._picks += 1
+        self._last_pick[chosen.target] = self._picks
+        return chosen
 
     def mark_unhealthy(self, replica: Replica) -> None:
         if replica.healthy is not False:
