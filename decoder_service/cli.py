@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 
 from decoder_service.config import (
     DecoderServiceConfig,
@@ -21,6 +20,7 @@ from decoder_service.config import (
     ServerConfig,
 )
 from decoder_service.engine.cli_args import add_engine_arguments, engine_config_from_args
+from glimpse.lifecycle import serve_until_signal
 
 log = logging.getLogger("glimpse.decoder")
 
@@ -120,23 +120,7 @@ async def serve(config: DecoderServiceConfig) -> int:
     from decoder_service.server import DecoderServer  # heavy imports only once flags are valid
 
     server = DecoderServer(config)
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    ready = asyncio.create_task(server.wait_ready())
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if ready.done() and ready.exception() is not None:
-        await server.stop(grace_s=0)
-        stopped.cancel()
-        return 1
-    await stopped
-    log.info("shutting down: health NOT_SERVING, draining in-flight calls")
-    await server.stop()
-    ready.cancel()
-    return 0
+    return await serve_until_signal(server)
 
 
 def run(args: argparse.Namespace) -> int:

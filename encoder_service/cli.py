@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 import ssl
 
 from encoder_service.config import (
@@ -24,6 +23,7 @@ from encoder_service.config import (
     StoreLimits,
 )
 from encoder_service.media.local_file import allowed_root
+from glimpse.lifecycle import serve_until_signal
 
 log = logging.getLogger("glimpse.encoder")
 
@@ -191,23 +191,7 @@ async def serve(config: EncoderConfig) -> int:
     except ValueError as exc:  # a transport the device cannot offer (cuda_ipc on a CPU)
         log.error("%s", exc)
         return 2
-    await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    ready = asyncio.create_task(server.wait_ready())
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if ready.done() and ready.exception() is not None:
-        await server.stop(grace_s=0)
-        stopped.cancel()
-        return 1
-    await stopped
-    log.info("shutting down: health NOT_SERVING, draining in-flight calls")
-    await server.stop()
-    ready.cancel()
-    return 0
+    return await serve_until_signal(server)
 
 
 def run(args: argparse.Namespace) -> int:
