@@ -20,7 +20,7 @@ from decoder_service.config import (
     ServerConfig,
 )
 from decoder_service.engine.cli_args import add_engine_arguments, engine_config_from_args
-from glimpse.lifecycle import serve_until_signal
+from glimpse.lifecycle import add_process_arguments, serve_until_signal
 
 log = logging.getLogger("glimpse.decoder")
 
@@ -36,8 +36,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=srv.served_model_name,
         help="model name clients send (default: the checkpoint directory's name)",
     )
-    g.add_argument("--enable-metrics", action="store_true", help="serve Prometheus /metrics")
-    g.add_argument("--metrics-port", type=int, default=srv.metrics_port)
     g.add_argument(
         "--max-waiting-requests",
         type=int,
@@ -45,19 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests queued behind the running batch before RESOURCE_EXHAUSTED",
     )
     g.add_argument("--max-message-bytes", type=int, default=srv.max_message_bytes)
-    g.add_argument(
-        "--shutdown-drain-s",
-        type=float,
-        default=srv.shutdown_drain_s,
-        help="seconds NOT_SERVING is visible before the server stops",
-    )
-    g.add_argument(
-        "--shutdown-grace-s",
-        type=float,
-        default=srv.shutdown_grace_s,
-        help="seconds in-flight calls get to finish on shutdown",
-    )
-    g.add_argument("--log-level", default="INFO")
+    add_process_arguments(g, srv.metrics_port, srv.shutdown_drain_s, srv.shutdown_grace_s)
     g = parser.add_argument_group("encoders")
     g.add_argument(
         "--encoder-urls",

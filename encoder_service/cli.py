@@ -23,7 +23,7 @@ from encoder_service.config import (
     StoreLimits,
 )
 from encoder_service.media.local_file import allowed_root
-from glimpse.lifecycle import serve_until_signal
+from glimpse.lifecycle import add_process_arguments, serve_until_signal
 
 log = logging.getLogger("glimpse.encoder")
 
@@ -38,21 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default=srv.host)
     g.add_argument("--port", type=int, default=srv.port)
-    g.add_argument("--enable-metrics", action="store_true", help="serve Prometheus /metrics")
-    g.add_argument("--metrics-port", type=int, default=srv.metrics_port)
-    g.add_argument(
-        "--shutdown-drain-s",
-        type=float,
-        default=srv.shutdown_drain_s,
-        help="seconds NOT_SERVING is visible before the server stops",
-    )
-    g.add_argument(
-        "--shutdown-grace-s",
-        type=float,
-        default=srv.shutdown_grace_s,
-        help="seconds in-flight calls get to finish on shutdown",
-    )
-    g.add_argument("--log-level", default="INFO")
+    add_process_arguments(g, srv.metrics_port, srv.shutdown_drain_s, srv.shutdown_grace_s)
     g = parser.add_argument_group("batching")
     g.add_argument(
         "--max-batch-patches",
