@@ -138,6 +138,7 @@ def encode_example(processor, ex: scenes.Example, thinking: bool) -> dict:
         if key in enc:
             item[key] = enc[key]
     item["aux"] = aux_targets(ex)
+    item["kind"] = torch.tensor(scenes.KINDS.index(ex.kind))
     return item
 
 
@@ -164,7 +165,9 @@ class AuxHeads(torch.nn.Module):
         self.image = torch.nn.Linear(hidden, len(scenes.SHAPES) + len(scenes.COLORS) + 4 + 2)
         self.motion = torch.nn.Linear(2 * hidden, len(scenes.DIRECTIONS))
 
-    def loss(self, feats: torch.Tensor, grid: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, feats: torch.Tensor, grid: torch.Tensor, aux: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # feats [N_tokens, H] merger output; grid [B, 3] one row per item; aux [B, 6]
         f = torch.nn.functional
         sizes = (grid.prod(-1) // 4).tolist()
@@ -182,9 +185,35 @@ class AuxHeads(torch.nn.Module):
         has_center = aux[:, 4] >= 0
         if has_center.any():
             loss = loss + 10 * f.mse_loss(out[has_center, -2:], aux[has_center, 4:])
+        hits = {
+            "shape": _hits(out[:, :n_s], lab[:, 0]),
+            "color": _hits(out[:, n_s : n_s + n_c], lab[:, 1]),
+            "count": _hits(out[:, n_s + n_c : n_s + n_c + 4], lab[:, 2]),
+        }
         if (lab[:, 3] >= 0).any():
-            loss = loss + f.cross_entropy(self.motion(torch.stack(motion_in)), lab[:, 3])
-        return torch.nan_to_num(loss)
+            motion = self.motion(torch.stack(motion_in))
+            loss = loss + f.cross_entropy(motion, lab[:, 3])
+            hits["motion"] = _hits(motion, lab[:, 3])
+        return torch.nan_to_num(loss), hits
+
+
+def _hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[2] (right, total) over the rows whose label applies."""
+    ok = labels >= 0
+    right = (logits.argmax(-1) == labels) & ok
+    return torch.stack([right.sum(), ok.sum()]).float()
+
+
+def answer_hits(logits: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+    """[len(KINDS), 2] (right, total): an answer is right when every one of its tokens is the
+    argmax under teacher forcing, which is what greedy decoding would produce."""
+    pred = logits[:, :-1].argmax(-1)  # [B, L-1]
+    target = labels[:, 1:]
+    wrong = ((pred != target) & (target != -100)).any(-1)  # [B]
+    out = torch.zeros(len(scenes.KINDS), 2, device=logits.device)
+    out[:, 0].index_add_(0, kind, (~wrong).float())
+    out[:, 1].index_add_(0, kind, torch.ones_like(kind, dtype=torch.float))
+    return out
 
 
 class SceneStream(IterableDataset):
@@ -226,6 +255,7 @@ def collate(items: list[dict], pad_id: int) -> dict:
         types[b, :k] = it["mm_token_type_ids"]
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
     batch["aux"] = torch.stack([it["aux"] for it in items])
+    batch["kind"] = torch.stack([it["kind"] for it in items])
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [it[key] for it in items if key in it]
         if parts:
@@ -266,7 +296,7 @@ def evaluate(model, processor, device, seed: int, per_kind: int) -> dict[str, fl
             ex = scenes.make_example(rng, kind)
             item = encode_example(processor, ex, thinking=False)
             k = int((item["labels"] == -100).sum())
-            skip = ("labels", "aux")
+            skip = ("labels", "aux", "kind")
             inputs = {key: v.to(device) for key, v in item.items() if key not in skip}
             inputs["input_ids"] = inputs["input_ids"][:k][None]
             inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:k][None]
@@ -278,6 +308,11 @@ def evaluate(model, processor, device, seed: int, per_kind: int) -> dict[str, fl
     return acc
 
 
+def _ratio(v: torch.Tensor) -> float:
+    right, total = v.tolist()
+    return right / total if total else float("nan")
+
+
 def train(args: argparse.Namespace) -> dict:
     from transformers import AutoProcessor, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
 
@@ -287,7 +322,11 @@ def train(args: argparse.Namespace) -> dict:
     processor = AutoProcessor.from_pretrained(out)
     device = torch.device(args.device)
     config = Glm4vMoeConfig.from_pretrained(out)
-    model = Glm4vMoeForConditionalGeneration(config).to(device=device, dtype=torch.float32)
+    if args.resume:  # a checkpoint this script wrote: go on training it
+        model = Glm4vMoeForConditionalGeneration.from_pretrained(args.resume, dtype=torch.float32)
+        model = model.to(device)
+    else:
+        model = Glm4vMoeForConditionalGeneration(config).to(device=device, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
     loader = DataLoader(
@@ -297,6 +336,9 @@ def train(args: argparse.Namespace) -> dict:
         prefetch_factor=4 if args.workers else None,
     )
     heads = AuxHeads(config.vision_config.out_hidden_size).to(device)
+    heads_file = Path(args.resume or out) / "aux_heads.pt"
+    if args.resume and heads_file.exists():
+        heads.load_state_dict(torch.load(heads_file, map_location=device))
     captured: list[torch.Tensor] = []
     model.model.visual.register_forward_hook(lambda _m, _i, out: captured.append(out.pooler_output))
     params = list(model.parameters()) + list(heads.parameters())
@@ -315,6 +357,8 @@ def train(args: argparse.Namespace) -> dict:
 
     model.train()
     steps_done, waited, t_wait = 0, 0.0, time.time()
+    aux_stats = {k: torch.zeros(2, device=device) for k in ("shape", "color", "count", "motion")}
+    lm_stats = torch.zeros(len(scenes.KINDS), 2, device=device)
     for step, batch in enumerate(loader):
         waited += time.time() - t_wait
         if progress(step) >= 1.0:
@@ -323,27 +367,49 @@ def train(args: argparse.Namespace) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        aux = batch.pop("aux")
+        aux, kind = batch.pop("aux"), batch.pop("kind")
         grid = batch.get("image_grid_thw", batch.get("video_grid_thw"))
         captured.clear()
+        vision_only = step < args.vision_steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            lm_loss = model(**batch).loss
-            aux_loss = heads.loss(captured[0], grid, aux)
-        loss = lm_loss + args.aux_weight * aux_loss
+            if vision_only:  # the tower and its heads alone: cheap steps that teach it to see
+                if "pixel_values" in batch:
+                    model.model.get_image_features(batch["pixel_values"], grid)
+                else:
+                    model.model.get_video_features(batch["pixel_values_videos"], grid)
+                lm_loss = torch.zeros((), device=device)
+            else:
+                result = model(**batch)
+                lm_loss = result.loss
+                lm_stats += answer_hits(result.logits.detach(), batch["labels"], kind)
+            aux_loss, hits = heads.loss(captured[0], grid, aux)
+        for key, h in hits.items():
+            aux_stats[key] += h
+        loss = lm_loss + (1.0 if vision_only else args.aux_weight) * aux_loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        avg = lm_loss.item() if avg is None else 0.98 * avg + 0.02 * lm_loss.item()
+        if not vision_only:
+            avg = lm_loss.item() if avg is None else 0.98 * avg + 0.02 * lm_loss.item()
         if step % args.log_every == 0 or step == args.steps - 1:
+            vis = " ".join(f"{k} {_ratio(v):.2f}" for k, v in aux_stats.items())
+            lm = " ".join(
+                f"{k} {_ratio(v):.2f}" for k, v in zip(scenes.KINDS, lm_stats, strict=True)
+            )
             print(
-                f"step {step:5d} loss {avg:.4f} lr {lr_at(step):.2e} {time.time() - start:.0f}s"
-                f" (waiting for data {waited:.0f}s)",
+                f"step {step:5d} loss {avg or 0.0:.4f} lr {lr_at(step):.2e}"
+                f" {time.time() - start:.0f}s (data wait {waited:.0f}s) | vision: {vis}"
+                f" | answers: {lm}",
                 flush=True,
             )
+            for v in (*aux_stats.values(), lm_stats):
+                v.zero_()
         t_wait = time.time()
     elapsed = time.time() - start
     save_file(export_weights(model), str(out / "model.safetensors"), {"format": "pt"})
+    if args.save_aux_heads:  # only to resume training; never part of the shipped checkpoint
+        torch.save(heads.state_dict(), out / "aux_heads.pt")
     acc = evaluate(model, processor, device, seed=args.eval_seed, per_kind=args.eval_per_kind)
     report = {
         "steps": steps_done,
@@ -365,9 +431,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
+    p.add_argument(
+        "--vision-steps", type=int, default=0, help="first steps train only the vision tower"
+    )
     p.add_argument("--aux-weight", type=float, default=0.5, help="auxiliary vision-head loss")
     p.add_argument("--time-budget-s", type=float, default=0.0, help="stop after this long")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default="", help="checkpoint directory to continue training")
+    p.add_argument("--save-aux-heads", action="store_true", help="keep the heads to resume")
     p.add_argument("--eval-seed", type=int, default=10_000)
     p.add_argument("--eval-per-kind", type=int, default=50)
     p.add_argument("--workers", type=int, default=8)
