@@ -95,7 +95,7 @@ def format_table(m: BenchmarkMetrics, max_concurrency: int | None = None) -> str
             value = f"{value:.2f}"
         elif value is None:
             value = "n/a"
-        return f"{label:<40}{value!s:<10}"
+        return f"{label:<40}{value}"
 
     lines = [" Serving Benchmark Result ".center(_WIDTH, "=")]
     lines += [
