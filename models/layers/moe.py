@@ -4,7 +4,9 @@ Contract:
 - ``TopKRouter(x) -> RouterOutput``: logits in float32 from the (replicated) gate weight,
   ``sigmoid`` scores, ``e_score_correction_bias`` added for *selection only*, group limit
   (``n_group`` / ``topk_group``, groups ranked by the sum of their top-2 biased scores), top-k,
-  then the *unbiased* scores of the chosen experts renormalised (+1e-20) and scaled.
+  then the *unbiased* scores of the chosen experts renormalised (+1e-20) and scaled: on CUDA
+  the Triton kernel of ``kernels/moe_routing.py`` unless ``kernels.dispatch`` says no, else that
+  module's torch reference.
 - ``FusedMoE(x, router_out) -> [T, H]`` float32 *partial* sum of the routed experts held by this
   rank; the caller adds the shared expert and does the one all-reduce. The experts run through
   ``experts_grouped`` (one sort, two grouped GEMMs, one ``index_add_``); ``experts_reference``
@@ -25,6 +27,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from kernels import moe_routing
+from kernels.dispatch import triton_enabled
 from kernels.moe_grouped_gemm import grouped_mm
 from models.distributed import divide, get_parallel_state
 from models.layers.activation import silu_and_mul
@@ -63,27 +67,20 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x [T, H]
         logits = x.float() @ self.weight.float().t()  # [T, E] float32
-        scores = logits.sigmoid()
-        choice = scores + self.e_score_correction_bias
-        if self.n_group > 1:
-            choice = self._limit_groups(choice)
-        ids = torch.topk(choice, self.top_k, dim=-1, sorted=False).indices  # [T, K]
-        weights = scores.gather(1, ids)  # fresh: renormalised and scaled in place
-        if self.norm_topk_prob:
-            weights.div_(weights.sum(dim=-1, keepdim=True).add_(1e-20))
-        if self.routed_scaling_factor != 1.0:  # x * 1.0 is x: skip the op
-            weights.mul_(self.routed_scaling_factor)
-        return RouterOutput(weights, ids)
-
-    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:  # [T, E] -> [T, E]
-        t = choice.shape[0]
-        grouped = choice.view(t, self.n_group, -1)
-        top2 = min(2, grouped.shape[-1])
-        group_scores = grouped.topk(top2, dim=-1).values.sum(dim=-1)  # [T, n_group]
-        keep_groups = group_scores.topk(self.topk_group, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)
-        keep = keep[:, :, None].expand_as(grouped).reshape(t, -1)
-        return choice.masked_fill(~keep, float("-inf"))
+        use_kernel = triton_enabled(logits) and moe_routing.supported(
+            logits, self.n_group, self.topk_group, self.top_k
+        )
+        route_fn = moe_routing.route_topk if use_kernel else moe_routing.route_topk_reference
+        route = route_fn(
+            logits,
+            self.e_score_correction_bias,
+            self.top_k,
+            self.n_group,
+            self.topk_group,
+            self.norm_topk_prob,
+            self.routed_scaling_factor,
+        )
+        return RouterOutput(route.weights, route.ids)
 
 
 class FusedMoE(nn.Module):

@@ -8,7 +8,9 @@ heads in place (the decoder's fresh q|k projection rows). Both rotate only the f
 ``rotary_dim`` dims of every head (rotate-half layout: dim i pairs with i + rotary_dim/2) and
 pass the rest through. Frequency index j takes its position from the section it falls in:
 t for the first ``mrope_section[0]`` indices, h for the next ``[1]``, w for the last ``[2]``
-(contiguous sections, not interleaved).
+(contiguous sections, not interleaved). On CUDA ``apply_`` runs the Triton kernel of
+``kernels/rotary.py`` (bit-identical rounding) unless ``kernels.dispatch`` says no; elsewhere that
+module's torch reference.
 
 What does not belong here: computing the 3-D positions from grids (processing/rope_index.py),
 the vision tower's 2-D rotary.
@@ -20,6 +22,9 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from kernels import rotary
+from kernels.dispatch import triton_enabled
 
 
 class RotaryCos(NamedTuple):
@@ -78,10 +83,7 @@ class MRotaryEmbedding(nn.Module):
         return q, k
 
     def apply_(self, x: torch.Tensor, rope: RotaryCos) -> None:  # x [T, H, D], rotated in place
-        # the same four products and two sums as x1*cos - x2*sin | x2*cos + x1*sin, each
-        # rounded the same way, without a concatenated copy of the heads
-        half = self.rotary_dim // 2
-        x1, x2 = x[..., :half], x[..., half : self.rotary_dim]
-        x1_sin = x1 * rope.sin
-        x1.mul_(rope.cos).sub_(x2 * rope.sin)
-        x2.mul_(rope.cos).add_(x1_sin)
+        if triton_enabled(x) and rotary.supported(x, rope.cos, self.rotary_dim):
+            rotary.rotary_(x, rope.cos, rope.sin, self.rotary_dim)
+        else:
+            rotary.rotary_reference_(x, rope.cos, rope.sin, self.rotary_dim)

@@ -1,0 +1,138 @@
+"""Triton dynamic FP8 activation quantisation (per token, per 128-block) against torch.
+
+On a GPU the kernels run compiled (FP8 needs sm_89+); on CPU under Triton's interpreter in a
+fresh pytest process (``test_cases_pass_under_the_interpreter``). The interpreter's float32 ->
+FP8 conversion rounds halves up and can lose the carry into the exponent, so on CPU the inputs
+are built so that ``x / scale`` is exactly an e4m3 value (each row or block holds +-448 * s with
+s a power of two): no rounding happens and any difference is a kernel error (scale, indexing,
+masking, clamping). Random bf16 inputs at GLM-4.5V widths run on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CAN_RUN = torch.cuda.is_available() or INTERPRETED
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+kernel_case = pytest.mark.skipif(not CAN_RUN, reason="run by test_cases_pass_under_the_interpreter")
+
+if CAN_RUN:
+    from kernels import quant_fp8 as kernel
+
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_supported() -> bool:
+    return INTERPRETED or torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(CAN_RUN, reason="the cases run directly here")
+def test_cases_pass_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+def _exact_case(t: int, k: int, block: int, dtype, seed: int):
+    """x [T, K] whose every ``block`` columns (or whole row) scale to exact e4m3 values."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (t, k), generator=gen, dtype=torch.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x3C  # no NaN codes
+    q = codes.view(FP8).float()  # every finite e4m3 value, subnormals included
+    starts = torch.arange(0, k, block)
+    sign = torch.where(torch.rand(t, len(starts), generator=gen) < 0.5, -1.0, 1.0)
+    q[:, starts] = 448.0 * sign  # each block reaches the e4m3 maximum
+    s = 2.0 ** torch.randint(-12, 3, (t, 1), generator=gen).float()  # exact power-of-two scale
+    x = q * s
+    x[t // 2] = 0.0  # an all-zero row
+    return x.to(DEVICE, dtype), q.to(DEVICE)
+
+
+def _check_against(got, want, x: torch.Tensor) -> None:
+    torch.testing.assert_close(got.scale, want.scale, rtol=0, atol=0)
+    assert got.q.dtype == FP8 and got.q.shape == x.shape
+    torch.testing.assert_close(got.q.float(), want.q.float(), rtol=0, atol=0)
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_per_token_exact_values(dtype) -> None:
+    x, q_true = _exact_case(6, 300, 300, dtype, seed=1)
+    got = kernel.quant_fp8_per_token(x)
+    _check_against(got, kernel.quant_fp8_per_token_reference(x), x)
+    nonzero = x.float().abs().amax(1) > 0
+    torch.testing.assert_close(got.q.float()[nonzero], q_true[nonzero], rtol=0, atol=0)
+    assert (got.q.float()[~nonzero] == 0).all() and (got.scale > 0).all()
+
+
+@kernel_case
+@pytest.mark.parametrize(("k", "block"), [(256, 128), (300, 128), (96, 32)])
+def test_per_block_exact_values(k: int, block: int) -> None:
+    x, q_true = _exact_case(5, k, block, torch.float32, seed=k)
+    got = kernel.quant_fp8_per_block(x, block)
+    assert got.scale.shape == (5, -(-k // block))
+    _check_against(got, kernel.quant_fp8_per_block_reference(x, block), x)
+    nonzero = x.abs().amax(1) > 0
+    torch.testing.assert_close(got.q.float()[nonzero], q_true[nonzero], rtol=0, atol=0)
+
+
+@kernel_case
+def test_rejects_bad_block() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        kernel.quant_fp8_per_block(torch.zeros(2, 96, device=DEVICE), 96)
+
+
+def _assert_random_close(got, want, x: torch.Tensor) -> None:
+    torch.testing.assert_close(got.scale, want.scale, rtol=1e-6, atol=0)
+    # same IEEE division and round-to-nearest-even conversion: the codes should agree; allow
+    # a stray one-step difference (an e4m3 step is at most 1/8 of the value)
+    differ = got.q.view(torch.uint8) != want.q.view(torch.uint8)
+    assert differ.float().mean().item() < 1e-4
+    torch.testing.assert_close(got.q.float(), want.q.float(), rtol=0.125, atol=2**-9)
+    scale = got.scale  # [T, 1] broadcasts; [T, K/128] widens to one scale per column
+    if scale.shape[1] > 1:
+        scale = scale.repeat_interleave(128, dim=1)[:, : x.shape[1]]
+    dequant = got.q.float() * scale
+    assert ((dequant - x.float()).abs() <= x.float().abs() / 16 + scale * 2**-9).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 32, 256, 4096])
+@pytest.mark.parametrize("k", [4096, 1408])
+def test_bf16_glm45v_widths(tokens: int, k: int) -> None:
+    if not _fp8_supported():
+        pytest.skip("FP8 conversion needs sm_89+")
+    gen = torch.Generator().manual_seed(tokens + k)
+    x = (torch.randn(tokens, k, generator=gen) * 4).to("cuda", torch.bfloat16)
+    x[:, 7] *= 50  # an outlier column, as activations have
+    got = kernel.quant_fp8_per_token(x)
+    assert got.scale.shape == (tokens, 1)
+    _assert_random_close(got, kernel.quant_fp8_per_token_reference(x), x)
+    got = kernel.quant_fp8_per_block(x, 128)
+    assert got.scale.shape == (tokens, k // 128)
+    _assert_random_close(got, kernel.quant_fp8_per_block_reference(x, 128), x)
+
+
+@pytest.mark.gpu
+def test_replays_in_a_cuda_graph() -> None:
+    if not _fp8_supported():
+        pytest.skip("FP8 conversion needs sm_89+")
+    x = torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16)
+    kernel.quant_fp8_per_block(x)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = kernel.quant_fp8_per_block(x)
+    fresh = torch.randn(32, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    x.copy_(fresh)
+    graph.replay()
+    _assert_random_close(captured, kernel.quant_fp8_per_block_reference(fresh), fresh)

@@ -1,0 +1,117 @@
+"""Triton partial NeoX rotary against the torch reference, and the M-RoPE layer's ``apply_``.
+
+On a GPU the kernel runs compiled; on CPU under Triton's interpreter in a fresh pytest process
+(``test_cases_pass_under_the_interpreter``: the variable must be set before Triton is imported).
+The interpreter rounds float32 -> bfloat16 by truncation, so CPU covers float32 and float16
+(where the kernel must match the reference bit for bit); bfloat16 at GLM-4.5V's head layout
+(96 q + 8 kv heads of 128, rotary dim 64, rotated inside a fused qkv row) runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import dispatch
+from models.layers.rotary import MRotaryEmbedding
+
+pytest.importorskip("triton")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CAN_RUN = torch.cuda.is_available() or INTERPRETED
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+kernel_case = pytest.mark.skipif(not CAN_RUN, reason="run by test_cases_pass_under_the_interpreter")
+
+if CAN_RUN:
+    from kernels import rotary as kernel
+
+
+@pytest.mark.skipif(CAN_RUN, reason="the cases run directly here")
+def test_cases_pass_under_the_interpreter() -> None:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " failed" not in done.stdout
+
+
+def _qkv_and_rope(t: int, hq: int, hk: int, d: int, rotary_dim: int, dtype, device, seed: int):
+    """A fused qkv buffer [T, Hq + 2Hk, D] and M-RoPE cos/sin for random 3-D positions."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(t, hq + 2 * hk, d, generator=gen).to(device, dtype)
+    half = rotary_dim // 2
+    section = (half - 2 * (half // 3), half // 3, half // 3)  # t, h, w frequency counts
+    rope_layer = MRotaryEmbedding(d, rotary_dim, 10000.0, section).to(device)
+    positions = torch.randint(0, 5000, (3, t), generator=gen).to(device)
+    return qkv, rope_layer, rope_layer(positions, dtype)
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("t", "hq", "hk", "d", "rotary_dim"), [(1, 4, 2, 32, 16), (9, 20, 3, 16, 12)]
+)
+def test_rotates_qk_view_like_reference(t, hq, hk, d, rotary_dim, dtype) -> None:
+    qkv, _, rope = _qkv_and_rope(t, hq, hk, d, rotary_dim, dtype, DEVICE, seed=t + hq)
+    want = qkv.clone()
+    kernel.rotary_reference_(want[:, : hq + hk], rope.cos, rope.sin, rotary_dim)
+    original = qkv.clone()
+    kernel.rotary_(qkv[:, : hq + hk], rope.cos, rope.sin, rotary_dim)  # a strided view
+    assert torch.equal(qkv, want)  # also: pass-through dims and v untouched
+    assert not torch.equal(qkv, original)
+
+
+@kernel_case
+def test_rejects_cos_in_another_dtype() -> None:
+    qkv, _, rope = _qkv_and_rope(2, 4, 2, 32, 16, torch.float16, DEVICE, seed=1)
+    assert not kernel.supported(qkv, rope.cos.float(), 16)
+    with pytest.raises(ValueError, match="x's dtype"):
+        kernel.rotary_(qkv, rope.cos.float(), rope.sin.float(), 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 32, 4096])
+def test_bf16_glm45v_heads(tokens: int) -> None:
+    qkv, _, rope = _qkv_and_rope(tokens, 96, 8, 128, 64, torch.bfloat16, "cuda", seed=tokens)
+    want = qkv.clone()
+    kernel.rotary_reference_(want[:, :104], rope.cos, rope.sin, 64)
+    kernel.rotary_(qkv[:, :104], rope.cos, rope.sin, 64)
+    assert torch.equal(qkv, want)
+
+
+@pytest.mark.gpu
+def test_replays_in_a_cuda_graph() -> None:
+    qkv, _, rope = _qkv_and_rope(32, 96, 8, 128, 64, torch.bfloat16, "cuda", seed=2)
+    kernel.rotary_(qkv.clone()[:, :104], rope.cos, rope.sin, 64)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernel.rotary_(qkv[:, :104], rope.cos, rope.sin, 64)
+    fresh, _, fresh_rope = _qkv_and_rope(32, 96, 8, 128, 64, torch.bfloat16, "cuda", seed=3)
+    qkv.copy_(fresh)
+    rope.cos.copy_(fresh_rope.cos)
+    rope.sin.copy_(fresh_rope.sin)
+    graph.replay()
+    kernel.rotary_reference_(fresh[:, :104], fresh_rope.cos, fresh_rope.sin, 64)
+    assert torch.equal(qkv, fresh)
+
+
+@pytest.mark.gpu
+def test_layer_agrees_with_triton_on_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    qkv, layer, rope = _qkv_and_rope(64, 96, 8, 128, 64, torch.bfloat16, "cuda", seed=4)
+    calls = []
+    real = kernel.rotary_
+    monkeypatch.setattr(kernel, "rotary_", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(dispatch, "TRITON_DISABLED", False)
+    on = qkv.clone()
+    layer.apply_(on[:, :104], rope)
+    assert calls, "the layer did not take the kernel on CUDA"
+    monkeypatch.setattr(dispatch, "TRITON_DISABLED", True)
+    calls.clear()
+    off = qkv.clone()
+    layer.apply_(off[:, :104], rope)
+    assert not calls
+    assert torch.equal(on, off)
