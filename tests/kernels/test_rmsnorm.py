@@ -103,6 +103,15 @@ def test_rejects_mixed_dtypes() -> None:
         kernel.rms_norm(x, weight.float(), 1e-5)
 
 
+def test_layer_add_forward_is_the_add_then_the_norm() -> None:
+    x, residual, weight = _inputs((3, 64), torch.bfloat16, "cpu", seed=8)
+    norm = RMSNorm(64, 1e-5, dtype=torch.bfloat16)
+    norm.weight.data.copy_(weight)
+    got = norm.add_forward(x, residual)
+    h = x + residual
+    assert torch.equal(got.residual, h) and torch.equal(got.out, norm(h))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 32, 4096])
 def test_bf16_glm45v_hidden(tokens: int) -> None:
