@@ -16,9 +16,11 @@ import torch
 
 from decoder_service.engine.config import (
     CPU_DEFAULT_NUM_BLOCKS,
+    DECODE_ATTENTION,
     DTYPES,
     CacheConfig,
     EngineConfig,
+    ExecutionConfig,
     LoadConfig,
     MediaLimits,
     ParallelConfig,
@@ -102,6 +104,20 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="shorthand for --ep equal to --tp",
     )
+    ex = ExecutionConfig()
+    g = parser.add_argument_group("execution")
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=ex.enforce_eager,
+        help="never capture CUDA graphs (by default decode steps replay graphs on CUDA)",
+    )
+    g.add_argument(
+        "--decode-attention",
+        choices=DECODE_ATTENTION,
+        default=ex.decode_attention,
+        help="auto = Triton split-K paged kernel on CUDA; sdpa = torch SDPA (no CUDA graphs)",
+    )
 
 
 def parse_mm_limits(text: str) -> MediaLimits:
@@ -143,6 +159,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         ),
         media=args.limit_mm_per_prompt,
         parallel=ParallelConfig(tp=args.tp, ep=args.tp if args.expert_parallel else args.ep),
+        execution=ExecutionConfig(
+            enforce_eager=args.enforce_eager, decode_attention=args.decode_attention
+        ),
     )
 
 

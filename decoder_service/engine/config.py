@@ -2,7 +2,7 @@
 
 Contract: ``EngineConfig`` = ``LoadConfig`` (what to load and where) + ``CacheConfig`` (KV pool)
 + ``SchedulerConfig`` (per-step budgets) + ``MediaLimits`` (items per prompt) + ``ParallelConfig``
-(tensor/expert-parallel ranks). Values here are plain data; ``None`` means "derive at start-up"
+(tensor/expert-parallel ranks) + ``ExecutionConfig`` (CUDA graphs, decode attention kernel). Values here are plain data; ``None`` means "derive at start-up"
 (``max_model_len`` from the checkpoint, the number of KV blocks from free GPU memory). Flag
 parsing lives in ``cli_args.py``.
 """
@@ -74,6 +74,22 @@ class ParallelConfig:
         return self.ep > 1
 
 
+DECODE_ATTENTION = ("auto", "sdpa")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    # never capture CUDA graphs; graphs are used only on CUDA, for pure decode steps
+    enforce_eager: bool = False
+    # "auto" = the Triton split-K paged kernel on CUDA (SDPA elsewhere); "sdpa" = always SDPA
+    # (CUDA graphs need the kernel, so "sdpa" also runs eagerly)
+    decode_attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode attention must be one of {DECODE_ATTENTION}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     load: LoadConfig = field(default_factory=LoadConfig)
@@ -81,3 +97,4 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     media: MediaLimits = field(default_factory=MediaLimits)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)

@@ -8,6 +8,9 @@ delivers embeddings that arrive after admission; ``abort_request`` ends a reques
 blocks. ``stats()`` reports queue lengths, KV usage, preemptions and prefix-cache counters.
 With tensor parallelism (``workers`` from ``parallel.start_workers``) this object is rank 0:
 it schedules and samples while every step also runs on the worker ranks; ``close()`` stops them.
+Start-up binds the KV cache and then configures decode steps on every rank: on CUDA (unless
+``--enforce-eager``) that captures the decode CUDA graphs, so they exist before the first
+request (``cuda_graphs.py``; ``uses_cuda_graphs`` says whether they do).
 The engine is single-threaded: callers serialise add/abort/step. Loading weights,
 chat templates and media decoding belong to the callers (``generate.py``, the decoder service).
 """
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 
 from decoder_service.engine.config import CPU_DEFAULT_NUM_BLOCKS, EngineConfig
+from decoder_service.engine.cuda_graphs import DecodeSettings, decode_settings
 from decoder_service.engine.detokenizer import IncrementalDetokenizer
 from decoder_service.engine.errors import (
     DuplicateRequestError,
@@ -35,6 +39,7 @@ from decoder_service.engine.request import MediaItem, Request, RequestStatus
 from decoder_service.engine.sampling_params import SamplingParams
 from decoder_service.engine.scheduler import Scheduler
 from decoder_service.engine.validation import RequestValidator
+from decoder_service.engine.workers import DecodeMessage, agree_on_graphs
 from models.glm4v.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -115,6 +120,14 @@ class LLMEngine:
         if num_blocks < 1:
             raise RuntimeError("no memory left for the KV cache; lower --mem-fraction-static use")
         self.executor.allocate_kv_cache(num_blocks)
+        self._configure_decode(
+            decode_settings(
+                config.execution,
+                self.runner.device,
+                self.max_model_len,
+                config.scheduler.max_running_requests,
+            )
+        )
         self.kv = KVCacheManager(
             num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
@@ -131,6 +144,19 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._aborted: list[Request] = []
         self.idle = False
+
+    def _configure_decode(self, settings: DecodeSettings) -> None:
+        if not isinstance(self.executor, ParallelExecutor):
+            self.runner.configure_decode(settings)
+            return
+        workers = self.executor.workers
+        with workers.guard():  # every rank captures the same graphs, or none does
+            workers.send(DecodeMessage(settings))
+            agree_on_graphs(self.runner, self.runner.configure_decode(settings), workers.groups)
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.runner.graphs is not None
 
     # ---- requests ----------------------------------------------------------------------------
 

@@ -9,10 +9,16 @@ made (each array is wrapped as is), unless ``always_copy`` asks for the staged p
 ``BlockTables`` keeps every running request's block ids in one row of a growing int32 array;
 rows are appended to (a request's table only grows while it runs) and handed back on drop, so
 a step gathers the batch's tables with one indexing op instead of rebuilding them.
-What does not belong here: what the arrays mean (``model_runner.py``), scheduling.
+``DecodeBuffers`` holds the fixed-address inputs the captured decode graphs read (ids, positions,
+slots, context lengths, block tables, logits rows for up to ``max_seqs`` sequences) with one
+host mirror (pinned on CUDA): ``load`` writes a decode batch padded to a captured size (padding
+reads and writes only the scratch block) and moves it with one copy.
+What does not belong here: what the arrays mean (``model_runner.py``), scheduling, capture.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -108,3 +114,88 @@ class BlockTables:
             self.ids = wider
         self.ids[row, have:n] = block_ids[have:]
         self._lens[row] = n
+
+
+class DecodeViews(NamedTuple):
+    """Views of one buffer set (host mirror or device); a graph of size b reads the first b."""
+
+    ids: torch.Tensor  # [M] int64
+    positions: torch.Tensor  # [3 * M] int64; the first 3 * b entries are the [3, b] positions
+    slots: torch.Tensor  # [M] int64
+    logits_rows: torch.Tensor  # [M] int64
+    seq_lens: torch.Tensor  # [M] int32
+    tables: torch.Tensor  # [M, max_blocks] int32, last: a step copies only its first rows
+
+
+def _views(raw: torch.Tensor, m: int, cols: int) -> DecodeViews:  # raw: [nbytes] uint8
+    parts, off = [], 0
+    for dtype, n in [(torch.int64, m), (torch.int64, 3 * m), (torch.int64, m), (torch.int64, m)]:
+        parts.append(raw[off : off + 8 * n].view(dtype))
+        off += 8 * n
+    parts.append(raw[off : off + 4 * m].view(torch.int32))
+    off += -(-4 * m // _ALIGN) * _ALIGN
+    parts.append(raw[off : off + 4 * m * cols].view(torch.int32).view(m, cols))
+    return DecodeViews(*parts)
+
+
+def _decode_nbytes(m: int, cols: int) -> tuple[int, int]:  # (total, offset of the tables)
+    tables_at = 8 * 6 * m + -(-4 * m // _ALIGN) * _ALIGN
+    return tables_at + 4 * m * cols, tables_at
+
+
+class DecodeBuffers:
+    """Fixed-address decode inputs for up to ``max_seqs`` sequences (see the module contract)."""
+
+    def __init__(
+        self, max_seqs: int, max_blocks: int, pad_slot: int, pad_block: int, device: torch.device
+    ) -> None:
+        self.max_seqs, self.max_blocks = max_seqs, max_blocks
+        self.pad_slot, self.pad_block = pad_slot, pad_block  # the scratch slot and its block
+        nbytes, self._tables_at = _decode_nbytes(max_seqs, max_blocks)
+        self._host_raw = torch.zeros(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        self._dev_raw = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+        self._np = DecodeViews(*(t.numpy() for t in _views(self._host_raw, max_seqs, max_blocks)))
+        self.dev = _views(self._dev_raw, max_seqs, max_blocks)
+        self._copied: torch.cuda.Event | None = None
+        # every padding row reads one key of the scratch block from the start (capture included)
+        none = np.zeros(0, np.int64)
+        self.load(max_seqs, none, none.reshape(3, 0), none, none, none.astype(np.int32),
+                  np.zeros((0, 1), np.int32))  # fmt: skip
+
+    def load(
+        self,
+        size: int,  # the captured batch size the step is padded to
+        ids: np.ndarray,  # [b] int64
+        positions: np.ndarray,  # [3, b] int64
+        slots: np.ndarray,  # [b] int64
+        logits_rows: np.ndarray,  # [S] int64
+        seq_lens: np.ndarray,  # [b] int32
+        tables: np.ndarray,  # [b, n] int32, n <= max_blocks
+    ) -> None:
+        b, n = tables.shape
+        if self._copied is not None:
+            self._copied.synchronize()  # NOTE: the last copy may still read the host mirror
+        h = self._np
+        h.ids[:b], h.ids[b:size] = ids, 0
+        pos = h.positions[: 3 * size].reshape(3, size)
+        pos[:, :b], pos[:, b:] = positions, 0
+        h.slots[:b], h.slots[b:size] = slots, self.pad_slot
+        h.logits_rows[: len(logits_rows)] = logits_rows
+        h.seq_lens[:b], h.seq_lens[b:size] = seq_lens, 1
+        h.tables[:b, :n], h.tables[b:size, 0] = tables, self.pad_block
+        # entries past a row's context are stale from earlier steps; the kernel never reads them
+        end = self._tables_at + size * self.max_blocks * 4
+        self._dev_raw[:end].copy_(self._host_raw[:end], non_blocking=True)
+        if self._dev_raw.is_cuda:
+            if self._copied is None:
+                self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def batch(self, size: int) -> DecodeViews:
+        """The device views a graph of ``size`` sequences reads (positions as [3, size])."""
+        d = self.dev
+        positions = d.positions[: 3 * size].view(3, size)
+        return DecodeViews(
+            d.ids[:size], positions, d.slots[:size], d.logits_rows, d.seq_lens[:size],
+            d.tables[:size],
+        )  # fmt: skip

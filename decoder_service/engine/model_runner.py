@@ -14,7 +14,10 @@ binds one ``[2, num_blocks + 1, block_size, Hk, D]`` tensor to every ``Attention
 extra block is the padding scratch, ``pad_slot``); ``profile_num_blocks`` sizes the pool on a
 GPU. Embeddings come from ``media_source(request_id, item_index)``, so a
 worker rank can serve them from its own copy; a worker runs ``execute(out, sample=False)``.
-Scheduling and stop handling are not here.
+``configure_decode(settings)`` (after the cache is bound) fixes the decode kernel's split count
+and, on CUDA, captures the decode CUDA graphs (``cuda_graphs.py``): a pure decode step without
+media and no larger than the largest graph is then padded into the graph's buffers and replayed;
+mixed, larger and media steps run eagerly. Scheduling and stop handling are not here.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from decoder_service.engine.cuda_graphs import DecodeGraphs, DecodeSettings, capture_decode_graphs
 from decoder_service.engine.input_buffers import BlockTables, StagingBuffer
 from decoder_service.engine.request import MediaRef
 from decoder_service.engine.sampler import Sampler, SamplingRow
 from decoder_service.engine.sampling_params import SamplingParams
 from decoder_service.engine.scheduler import NewRequestData, SchedulerOutput
+from kernels.paged_attention import splits_for_context
 from models.layers.attention import Attention, AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,7 @@ class StepInputs(NamedTuple):
     mm_mask: torch.Tensor | None  # [T] bool
     logits_indices: torch.Tensor  # [S] int64, rows of the hidden states to sample from
     sample_ids: list[str]  # request id per logits row
+    graph_size: int = 0  # > 0: inputs live in the decode graphs' buffers, replay this size
 
 
 class ModelRunner:
@@ -96,6 +102,9 @@ class ModelRunner:
         self.pad_slot = 0  # the scratch KV slot padded tokens write to (see allocate_kv_cache)
         self.tables = BlockTables()
         self.staging = StagingBuffer(self.device)
+        self.decode_kernel = True  # CUDA pure decode: the Triton paged kernel
+        self.decode_splits: int | None = None  # its split count, fixed by configure_decode
+        self.graphs: DecodeGraphs | None = None
 
     # ---- KV cache --------------------------------------------------------------------------
 
@@ -120,6 +129,7 @@ class ModelRunner:
             )
         self.num_blocks = num_blocks
         self.pad_slot = num_blocks * self.block_size
+        self.graphs = None  # NOTE: captured graphs write the old tensors; capture again
 
     @torch.inference_mode()
     def profile_num_blocks(
@@ -154,6 +164,14 @@ class ModelRunner:
         )
         return max(num_blocks, 0)
 
+    def configure_decode(self, settings: DecodeSettings) -> bool:
+        """Fix how decode steps run and capture their graphs (CUDA only); True when graphs
+        serve decode steps. A capture that fails is logged and leaves every step eager."""
+        self.decode_kernel = settings.decode_kernel
+        self.decode_splits = splits_for_context(settings.max_model_len)
+        self.graphs = capture_decode_graphs(self, settings)
+        return self.graphs is not None
+
     # ---- one step --------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -163,7 +181,12 @@ class ModelRunner:
         if out.is_empty:
             return RunnerOutput({}, {}, {})
         step = self.prepare_inputs(out)
-        hidden = self.model(step.input_ids, step.positions, step.meta, step.mm_embeds, step.mm_mask)
+        if step.graph_size:
+            hidden = self.graphs.run(step.graph_size)  # [graph_size, H], padding rows last
+        else:
+            hidden = self.model(
+                step.input_ids, step.positions, step.meta, step.mm_embeds, step.mm_mask
+            )
         if not step.sample_ids:
             return RunnerOutput({}, {}, {})
         # NOTE: with tensor parallelism the lm_head gathers the vocabulary shards, a collective
@@ -264,6 +287,13 @@ class ModelRunner:
             lens_k.astype(np.int32),
             tables.ids[row_np, :max_blocks],
         ]
+        if t == b and self.graphs is not None and not media_slices:
+            size = self.graphs.stage(*arrays[:4], arrays[5], arrays[6])
+            if size is not None:
+                v = self.graphs.buffers.batch(size)
+                meta = self.graphs.meta(size)
+                rows = v.logits_rows[: len(sample_at)]
+                return StepInputs(v.ids, v.positions, meta, None, None, rows, sample_ids, size)
         mm_embeds = self._media_rows(media_slices, cu, lens, arrays) if media_slices else None
         staged = self.staging.stage(arrays)
         cu_list, lens_k_list = cu.tolist(), lens_k.tolist()
@@ -276,6 +306,8 @@ class ModelRunner:
             block_tables=staged[6],
             seq_lens_k_cpu=lens_k_list,
             cu_seqlens_q_cpu=cu_list,
+            decode_kernel=self.decode_kernel,
+            decode_splits=self.decode_splits,
         )
         return StepInputs(
             input_ids=staged[0],

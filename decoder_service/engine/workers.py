@@ -6,8 +6,9 @@ on a second, gloo group), loads its shard of the text weights, signals readiness
 on the message group and then serves messages from rank 0 until ``ShutdownMessage``:
 ``StepMessage`` (the step's ``SchedulerOutput`` plus the media embeddings this rank has not seen
 yet, broadcast as one flat tensor on the device group right after the message), ``ProfileMessage``
-(GPU KV sizing, answered by a MIN all-reduce so the pool fits every rank) and ``AllocateMessage``
-(the pool size rank 0 decided). A worker never samples: rank 0 alone turns logits into tokens,
+(GPU KV sizing, answered by a MIN all-reduce so the pool fits every rank), ``AllocateMessage``
+(the pool size rank 0 decided) and ``DecodeMessage`` (decode settings: every rank captures the
+same CUDA graphs, and a MIN all-reduce drops them everywhere if one rank failed to). A worker never samples: rank 0 alone turns logits into tokens,
 and the next step carries them back in ``ScheduledSequence.token_ids``. Any exception ends the
 process; rank 0 notices the closed connection (or the dead process) and raises.
 Not here: the rank-0 side (``parallel.py``), scheduling, the model's own collectives.
@@ -25,6 +26,7 @@ import torch.distributed as dist
 
 from decoder_service.engine.cli_args import resolve_device, resolve_dtype
 from decoder_service.engine.config import LoadConfig, ParallelConfig
+from decoder_service.engine.cuda_graphs import DecodeSettings
 from decoder_service.engine.model_runner import ModelRunner
 from decoder_service.engine.scheduler import SchedulerOutput
 from models.distributed import destroy_distributed, init_distributed
@@ -68,11 +70,16 @@ class AllocateMessage:
 
 
 @dataclass(frozen=True)
+class DecodeMessage:
+    settings: DecodeSettings  # sent once, after AllocateMessage: graphs capture over the cache
+
+
+@dataclass(frozen=True)
 class ShutdownMessage:
     pass
 
 
-Message = StepMessage | ProfileMessage | AllocateMessage | ShutdownMessage
+Message = StepMessage | ProfileMessage | AllocateMessage | DecodeMessage | ShutdownMessage
 
 
 class RankGroups(NamedTuple):
@@ -125,6 +132,16 @@ def min_over_ranks(value: int, groups: RankGroups) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=groups.messages)
     return int(t.item())
+
+
+def agree_on_graphs(runner: ModelRunner, captured: bool, groups: RankGroups) -> None:
+    """Keep the decode graphs only if every rank captured them: replaying on some ranks while
+    others run eagerly would pad the collectives to different sizes."""
+    # NOTE: a rank whose capture fails stops warming up; a peer still warming up waits in its
+    # next collective for it until the group's timeout, so such a failure is slow to surface.
+    if min_over_ranks(int(captured), groups) == 0 and runner.graphs is not None:
+        log.warning("another rank could not capture CUDA graphs; decode steps run eagerly")
+        runner.graphs = None
 
 
 class MediaStore:
@@ -184,6 +201,8 @@ def _serve(spec: WorkerSpec, rank: int, groups: RankGroups) -> None:
                 min_over_ranks(n, groups)
             case AllocateMessage(num_blocks=num_blocks):
                 runner.allocate_kv_cache(num_blocks)
+            case DecodeMessage(settings=settings):
+                agree_on_graphs(runner, runner.configure_decode(settings), groups)
             case ShutdownMessage():
                 log.info("rank %d shutting down", rank)
                 return

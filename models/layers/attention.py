@@ -7,11 +7,14 @@ attends causally over its own new tokens only (used by parity tests and the enco
 Otherwise the new k/v are first written to the paged cache at ``meta.slot_mapping`` and each
 sequence attends over its whole context read from its block table.
 
-Backends: torch SDPA (CPU and fallback) lives here; flash-attn is used when installed and the
-tensors are on CUDA. The SDPA path has two shapes: a pure decode batch (one new token per
-sequence) gathers all sequences' paged KV at once (one index op per K and V) and runs one
-batched SDPA; prefill and mixed batches run one SDPA per sequence (``is_causal`` when the
-whole context is new).
+Backends: on CUDA a pure decode batch (one new token per sequence) runs the Triton split-K
+paged kernel (``kernels/paged_attention.py``) unless ``meta.decode_kernel`` is off; it reads the
+block tables and context lengths on the device only, and with ``meta.decode_splits`` set its
+launch is the same for every step, so it can be captured in a CUDA graph (as can the cache
+write). Otherwise torch SDPA (CPU and fallback) lives here; flash-attn is used when installed and
+the tensors are on CUDA. The SDPA path has two shapes: a pure decode batch gathers all
+sequences' paged KV at once (one index op per K and V) and runs one batched SDPA; prefill and
+mixed batches run one SDPA per sequence (``is_causal`` when the whole context is new).
 What does not belong here: scheduling, block allocation, RoPE.
 """
 
@@ -22,6 +25,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from kernels.paged_attention import paged_decode_attention, triton
 
 try:  # optional GPU dependency
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # type: ignore
@@ -44,6 +49,10 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32; None = no KV cache
     seq_lens_k_cpu: list[int] | None = None  # same as seq_lens_k, host copy for the torch path
     cu_seqlens_q_cpu: list[int] | None = None  # same as cu_seqlens_q, host copy
+    decode_kernel: bool = True  # CUDA pure decode: the Triton paged kernel (False = SDPA)
+    # that kernel's split count, fixed per engine (from the longest context it serves) so every
+    # step, captured or eager, launches it alike; None = from max_seqlen_k (not capturable)
+    decode_splits: int | None = None
     # built by the first layer that needs it, reused by the others (see ``decode_plan``)
     _decode_plan: DecodePlan | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -108,11 +117,38 @@ class Attention(torch.nn.Module):
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         if meta.block_tables is not None:
             self._write_cache(k, v, meta.slot_mapping)
+            if meta.decode_kernel and is_pure_decode(q.shape[0], meta) and self.kernel_fits(q):
+                out = self._paged_decode(q, meta)
+                return out.reshape(q.shape[0], self.num_heads * self.head_dim)
         if _use_flash(q):
             out = self._flash(q, k, v, meta)
         else:
             out = self._sdpa(q, k, v, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def kernel_fits(self, q: torch.Tensor) -> bool:
+        """Whether the Triton decode kernel serves this layer for queries like ``q``: CUDA,
+        Triton present, the cache in the query dtype, power-of-two head and block sizes of at
+        least 16 (``tl.dot`` tiles)."""
+        cache = self.kv_cache
+        if triton is None or not q.is_cuda or cache.dim() != 5 or cache.dtype != q.dtype:
+            return False
+        return all(n >= 16 and n & (n - 1) == 0 for n in (self.head_dim, cache.shape[2]))
+
+    def _paged_decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        cache = self.kv_cache  # [2, num_blocks, block_size, Hk, D]
+        # NOTE: no host sync and no shape that depends on the step's values: with a fixed
+        # ``decode_splits`` this launch is CUDA-graph capturable
+        return paged_decode_attention(
+            q,
+            cache[0],
+            cache[1],
+            meta.block_tables,
+            meta.seq_lens_k,
+            meta.max_seqlen_k,
+            self.scale,
+            num_splits=meta.decode_splits,
+        )
 
     def _write_cache(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
         cache = self.kv_cache
