@@ -1,7 +1,7 @@
 """Engine step benchmark: decode milliseconds per step of ``LLMEngine`` on the tiny checkpoint.
 
 ``python -m bench.engine_step_bench [--device cpu|cuda] [--batch-sizes 1,32] [--steps 50]
-[--repeats 3] [--threads 1] [--profile]``
+[--repeats 3] [--threads 1] [--graphs both|on|off] [--profile]``
 
 The tiny checkpoint's compute is negligible, so what this measures is the engine's per-step
 host work: scheduling, building the flat batch (ids, M-RoPE positions, slots, block tables),
@@ -11,7 +11,9 @@ requests (prompts of ``--prompt-len`` random tokens with 3-D positions and a non
 a few warm-up decode steps, then times ``--repeats`` rounds of ``--steps`` decode steps. Each
 row prints the best and the median round's ms/step, output tokens/s of the best round, and the
 share of the time spent in ``ModelRunner.prepare_inputs``; the best round is the least disturbed
-by other work on a shared machine. ``--profile`` adds a cProfile listing of the timed steps.
+by other work on a shared machine. On CUDA each batch size runs twice, with decode CUDA graphs
+and with ``--enforce-eager`` (``--graphs on|off`` keeps one); a decode step makes one token per
+request, so ms/step is the decode latency per token. ``--profile`` adds a cProfile listing.
 Not a test: nothing is asserted.
 """
 
@@ -28,7 +30,12 @@ from typing import NamedTuple
 
 import torch
 
-from decoder_service.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from decoder_service.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ExecutionConfig,
+    SchedulerConfig,
+)
 from decoder_service.engine.engine import LLMEngine
 from decoder_service.engine.sampling_params import SamplingParams
 from models.glm4v.config import load_model_config
@@ -53,17 +60,27 @@ class _Timer:
             self.seconds += time.perf_counter() - start
 
 
-def build_engine(ckpt: Path, device: torch.device, max_batch: int, max_len: int) -> LLMEngine:
+def build_engine(
+    ckpt: Path, device: torch.device, max_batch: int, max_len: int, graphs: bool = False
+) -> LLMEngine:
     from tokenizers import Tokenizer
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = load_model(ckpt, dtype=dtype, device=device, vision=False)
     config = EngineConfig(
         cache=CacheConfig(num_blocks=max_batch * (max_len // 16 + 1)),
-        scheduler=SchedulerConfig(max_num_batched_tokens=max(2048, max_batch * max_len)),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=max(2048, max_batch * max_len),
+            max_running_requests=max_batch,
+            max_model_len=max_len,
+        ),
+        execution=ExecutionConfig(enforce_eager=not graphs),
     )
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    return LLMEngine(model, load_model_config(ckpt), config, tok)
+    engine = LLMEngine(model, load_model_config(ckpt), config, tok)
+    if graphs and not engine.uses_cuda_graphs:
+        raise RuntimeError("CUDA graphs were asked for but not captured (see the log)")
+    return engine
 
 
 class DecodeTiming(NamedTuple):
@@ -128,24 +145,37 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--prompt-len", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--graphs", choices=("both", "on", "off"), default="both")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
+    modes = (
+        [False]
+        if device.type != "cuda"
+        else {"both": [True, False], "on": [True]}.get(args.graphs, [False])
+    )
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_tiny_checkpoint(Path(tmp) / "tiny", seed=0, variant="glm4.5v")
         max_len = args.prompt_len + WARMUP_STEPS + args.repeats * args.steps + 2
-        engine = build_engine(ckpt, device, max(sizes), max_len)
-        rows = [(b, time_decode(engine, b, args)) for b in sizes]
+        for graphs in modes:
+            engine = build_engine(ckpt, device, max(sizes), max_len, graphs)
+            rows += [(b, graphs, time_decode(engine, b, args)) for b in sizes]
     print(
         f"device={device} threads={args.threads} dtype={engine.runner.dtype} "
         f"rounds={args.repeats}x{args.steps} steps prompt={args.prompt_len} tokens"
     )
-    print(f"{'batch':>5} {'best ms/step':>13} {'median':>8} {'tok/s':>9} {'prepare_inputs':>15}")
-    for b, t in rows:
+    head = f"{'batch':>5} {'graphs':>6} {'best ms/step':>13} {'median':>8} {'tok/s':>9}"
+    print(f"{head} {'prepare_inputs':>15}")
+    for b, graphs, t in rows:
         tps = b * 1e3 / t.best_ms
-        print(f"{b:>5} {t.best_ms:>13.2f} {t.median_ms:>8.2f} {tps:>9.1f} {t.prepare_share:>14.0%}")
+        mode = "on" if graphs else "off"
+        print(
+            f"{b:>5} {mode:>6} {t.best_ms:>13.2f} {t.median_ms:>8.2f} {tps:>9.1f} "
+            f"{t.prepare_share:>14.0%}"
+        )
     return 0
 
 
