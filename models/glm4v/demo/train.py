@@ -308,6 +308,14 @@ def evaluate(model, processor, device, seed: int, per_kind: int) -> dict[str, fl
     return acc
 
 
+def first_bad_grad(*modules: torch.nn.Module) -> str:
+    for module in modules:
+        for name, param in module.named_parameters():
+            if param.grad is not None and not torch.isfinite(param.grad).all():
+                return name
+    return "?"
+
+
 def _ratio(v: torch.Tensor) -> float:
     right, total = v.tolist()
     return right / total if total else float("nan")
@@ -317,6 +325,8 @@ def train(args: argparse.Namespace) -> dict:
     from transformers import AutoProcessor, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
 
     torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
     out = Path(args.out)
     write_base_checkpoint(out)
     processor = AutoProcessor.from_pretrained(out)
@@ -356,7 +366,7 @@ def train(args: argparse.Namespace) -> dict:
         return args.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress(step))))
 
     model.train()
-    steps_done, waited, t_wait = 0, 0.0, time.time()
+    steps_done, waited, t_wait, skipped = 0, 0.0, time.time(), 0
     aux_stats = {k: torch.zeros(2, device=device) for k in ("shape", "color", "count", "motion")}
     lm_stats = torch.zeros(len(scenes.KINDS), 2, device=device)
     for step, batch in enumerate(loader):
@@ -371,7 +381,7 @@ def train(args: argparse.Namespace) -> dict:
         grid = batch.get("image_grid_thw", batch.get("video_grid_thw"))
         captured.clear()
         vision_only = step < args.vision_steps
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             if vision_only:  # the tower and its heads alone: cheap steps that teach it to see
                 if "pixel_values" in batch:
                     model.model.get_image_features(batch["pixel_values"], grid)
@@ -387,8 +397,13 @@ def train(args: argparse.Namespace) -> dict:
             aux_stats[key] += h
         loss = lm_loss + (1.0 if vision_only else args.aux_weight) * aux_loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if torch.isfinite(grad_norm):
+            opt.step()
+        else:  # one bad batch must not poison every weight
+            skipped += 1
+            if skipped == 1:
+                print(f"step {step}: non-finite gradient in {first_bad_grad(model, heads)}")
         opt.zero_grad(set_to_none=True)
         if not vision_only:
             avg = lm_loss.item() if avg is None else 0.98 * avg + 0.02 * lm_loss.item()
@@ -399,7 +414,8 @@ def train(args: argparse.Namespace) -> dict:
             )
             print(
                 f"step {step:5d} loss {avg or 0.0:.4f} lr {lr_at(step):.2e}"
-                f" {time.time() - start:.0f}s (data wait {waited:.0f}s) | vision: {vis}"
+                f" {time.time() - start:.0f}s (data wait {waited:.0f}s, skipped {skipped})"
+                f" | vision: {vis}"
                 f" | answers: {lm}",
                 flush=True,
             )
@@ -416,6 +432,7 @@ def train(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "train_seconds": round(elapsed),
         "data_wait_seconds": round(waited),
+        "skipped_steps": skipped,
         "device": str(device),
         "parameters": n_params,
         "heldout_accuracy": acc,
@@ -443,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-per-kind", type=int, default=50)
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (default: fp32 + TF32)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train(p.parse_args(argv))
     return 0
