@@ -94,10 +94,13 @@ def test_rejects_bad_block() -> None:
 
 def _assert_random_close(got, want, x: torch.Tensor) -> None:
     torch.testing.assert_close(got.scale, want.scale, rtol=1e-6, atol=0)
-    # same IEEE division and round-to-nearest-even conversion: the codes should agree; allow
-    # a stray one-step difference (an e4m3 step is at most 1/8 of the value)
-    differ = got.q.view(torch.uint8) != want.q.view(torch.uint8)
-    assert differ.float().mean().item() < 1e-4
+    # same scale and round-to-nearest-even conversion: the codes agree except where a value
+    # sits on a rounding boundary (seen on the H100: 1 code in 4096); such a code is then the
+    # neighbouring one (same sign byte, magnitude bits one apart)
+    a, b = got.q.view(torch.uint8).int(), want.q.view(torch.uint8).int()
+    differ = a != b
+    assert differ.float().mean().item() < 1e-3
+    assert ((a - b)[differ].abs() == 1).all()
     torch.testing.assert_close(got.q.float(), want.q.float(), rtol=0.125, atol=2**-9)
     scale = got.scale  # [T, 1] broadcasts; [T, K/128] widens to one scale per column
     if scale.shape[1] > 1:
