@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from models.glm4v import tiny
 from models.glm4v.demo import scenes
+from models.glm4v.hf_names import export_weights
 from models.glm4v.tokenizer_build import write_tokenizer_files
 
 TEXT = {
@@ -261,28 +262,6 @@ def collate(items: list[dict], pad_id: int) -> dict:
         if parts:
             batch[key] = torch.cat(parts)
     return batch
-
-
-def export_weights(model) -> dict[str, torch.Tensor]:
-    """transformers' in-memory names -> checkpoint names (per-expert MoE weights), bf16."""
-    out: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu()
-        if name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]
-            base = name.removesuffix("gate_up_proj")
-            inter = t.shape[1] // 2
-            for e in range(t.shape[0]):
-                out[f"{base}{e}.gate_proj.weight"] = t[e, :inter].to(torch.bfloat16).contiguous()
-                out[f"{base}{e}.up_proj.weight"] = t[e, inter:].to(torch.bfloat16).contiguous()
-        elif name.endswith("mlp.experts.down_proj"):  # [E, H, I]
-            base = name.removesuffix("down_proj")
-            for e in range(t.shape[0]):
-                out[f"{base}{e}.down_proj.weight"] = t[e].to(torch.bfloat16).contiguous()
-        elif name.endswith("e_score_correction_bias"):
-            out[name] = t.float().contiguous()
-        else:
-            out[name] = t.to(torch.bfloat16).contiguous()
-    return out
 
 
 @torch.no_grad()
