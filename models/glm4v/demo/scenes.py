@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from PIL import Image, ImageDraw
 
@@ -53,6 +53,7 @@ class Placed:
     cx: float
     cy: float
     r: float
+    rot: float = 0.0  # radians, polygons only
 
 
 def _background(rng: random.Random, w: int, h: int, avoid: list[str]) -> Image.Image:
@@ -102,13 +103,14 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
     raise ValueError(f"unknown shape {shape}")
 
 
-def draw_shape(img: Image.Image, p: Placed, rot: float = 0.0) -> None:
+def draw_shape(img: Image.Image, p: Placed, fill: tuple[int, int, int] | int | None = None) -> None:
+    """Draw ``p`` in its colour, or in ``fill`` (label masks)."""
     draw = ImageDraw.Draw(img)
-    fill = COLORS[p.color]
+    fill = COLORS[p.color] if fill is None else fill
     if p.shape == "circle":
         draw.ellipse([p.cx - p.r, p.cy - p.r, p.cx + p.r, p.cy + p.r], fill=fill)
     else:
-        draw.polygon(_polygon(p.shape, p.cx, p.cy, p.r, rot), fill=fill)
+        draw.polygon(_polygon(p.shape, p.cx, p.cy, p.r, p.rot), fill=fill)
 
 
 def _canvas_size(rng: random.Random) -> tuple[int, int]:
@@ -145,8 +147,9 @@ def make_image_example(rng: random.Random, kind: str) -> Example:
     n = 1 if kind in ("shape", "color") else rng.choice((1, 1, 2, 3, 4))
     placed = _place(rng, w, h, n)
     img = _background(rng, w, h, [p.color for p in placed])
+    placed = [replace(p, rot=rng.uniform(-0.3, 0.3)) for p in placed]
     for p in placed:
-        draw_shape(img, p, rot=rng.uniform(-0.3, 0.3))
+        draw_shape(img, p)
     extra = {"image": img, "objects": placed, "size": (w, h)}
     if kind == "shape":
         return Example(Q_SHAPE, placed[0].shape, kind, **extra)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -139,6 +140,8 @@ def encode_example(processor, ex: scenes.Example, thinking: bool) -> dict:
         if key in enc:
             item[key] = enc[key]
     item["aux"] = aux_targets(ex)
+    grid = item.get("image_grid_thw", item.get("video_grid_thw"))[0].tolist()
+    item["token_labels"] = token_labels(ex, grid)
     item["kind"] = torch.tensor(scenes.KINDS.index(ex.kind))
     return item
 
@@ -158,6 +161,31 @@ def aux_targets(ex: scenes.Example) -> torch.Tensor:
     return torch.tensor([shape, color, len(objs) - 1, motion, cx, cy], dtype=torch.float32)
 
 
+def token_labels(ex: scenes.Example, grid: list[int]) -> torch.Tensor:
+    """[tokens, 2] (shape, colour) under each merged vision token, 0 = background, -100 for
+    video tokens. Dense labels teach the tower what every part of a shape looks like, a far
+    stronger signal than one label per picture."""
+    t, gh, gw = grid
+    n = t * (gh // 2) * (gw // 2)
+    if ex.image is None:
+        return torch.full((n, 2), -100, dtype=torch.long)
+    mask = Image.new("L", ex.size, 0)
+    for p in ex.objects:
+        code = (
+            1
+            + scenes.SHAPES.index(p.shape) * len(scenes.COLORS)
+            + list(scenes.COLORS).index(p.color)
+        )
+        scenes.draw_shape(mask, p, fill=code)
+    # one sample at the centre of each token's 28x28 cell, row-major like the merger's output
+    codes = torch.from_numpy(np.asarray(mask.resize((gw // 2, gh // 2), Image.NEAREST)).copy())
+    codes = codes.flatten().long()
+    fg = codes > 0
+    shape = torch.where(fg, (codes - 1) // len(scenes.COLORS) + 1, 0)
+    color = torch.where(fg, (codes - 1) % len(scenes.COLORS) + 1, 0)
+    return torch.stack([shape, color], dim=1)
+
+
 class AuxHeads(torch.nn.Module):
     """Training-only heads on the merger output; never saved with the checkpoint."""
 
@@ -165,9 +193,10 @@ class AuxHeads(torch.nn.Module):
         super().__init__()
         self.image = torch.nn.Linear(hidden, len(scenes.SHAPES) + len(scenes.COLORS) + 4 + 2)
         self.motion = torch.nn.Linear(2 * hidden, len(scenes.DIRECTIONS))
+        self.token = torch.nn.Linear(hidden, 1 + len(scenes.SHAPES) + 1 + len(scenes.COLORS))
 
     def loss(
-        self, feats: torch.Tensor, grid: torch.Tensor, aux: torch.Tensor
+        self, feats: torch.Tensor, grid: torch.Tensor, aux: torch.Tensor, tokens: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # feats [N_tokens, H] merger output; grid [B, 3] one row per item; aux [B, 6]
         f = torch.nn.functional
@@ -186,16 +215,27 @@ class AuxHeads(torch.nn.Module):
         has_center = aux[:, 4] >= 0
         if has_center.any():
             loss = loss + 10 * f.mse_loss(out[has_center, -2:], aux[has_center, 4:])
+        per_token = self.token(feats.float())  # [N, 6 + 9]
         hits = {
+            "token_shape": _hits(per_token[:, : n_s + 1], _foreground(tokens[:, 0])),
+            "token_color": _hits(per_token[:, n_s + 1 :], _foreground(tokens[:, 1])),
             "shape": _hits(out[:, :n_s], lab[:, 0]),
             "color": _hits(out[:, n_s : n_s + n_c], lab[:, 1]),
             "count": _hits(out[:, n_s + n_c : n_s + n_c + 4], lab[:, 2]),
         }
+        if (tokens[:, 0] >= 0).any():
+            loss = loss + f.cross_entropy(per_token[:, : n_s + 1], tokens[:, 0], ignore_index=-100)
+            loss = loss + f.cross_entropy(per_token[:, n_s + 1 :], tokens[:, 1], ignore_index=-100)
         if (lab[:, 3] >= 0).any():
             motion = self.motion(torch.stack(motion_in))
             loss = loss + f.cross_entropy(motion, lab[:, 3])
             hits["motion"] = _hits(motion, lab[:, 3])
         return torch.nan_to_num(loss), hits
+
+
+def _foreground(labels: torch.Tensor) -> torch.Tensor:
+    """Accuracy only over tokens on a shape: background tokens are most and easy."""
+    return torch.where(labels > 0, labels, -100)
 
 
 def _hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -257,6 +297,7 @@ def collate(items: list[dict], pad_id: int) -> dict:
     batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": types}
     batch["aux"] = torch.stack([it["aux"] for it in items])
     batch["kind"] = torch.stack([it["kind"] for it in items])
+    batch["token_labels"] = torch.cat([it["token_labels"] for it in items])
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         parts = [it[key] for it in items if key in it]
         if parts:
@@ -275,7 +316,7 @@ def evaluate(model, processor, device, seed: int, per_kind: int) -> dict[str, fl
             ex = scenes.make_example(rng, kind)
             item = encode_example(processor, ex, thinking=False)
             k = int((item["labels"] == -100).sum())
-            skip = ("labels", "aux", "kind")
+            skip = ("labels", "aux", "kind", "token_labels")
             inputs = {key: v.to(device) for key, v in item.items() if key not in skip}
             inputs["input_ids"] = inputs["input_ids"][:k][None]
             inputs["mm_token_type_ids"] = inputs["mm_token_type_ids"][:k][None]
@@ -346,7 +387,8 @@ def train(args: argparse.Namespace) -> dict:
 
     model.train()
     steps_done, waited, t_wait, skipped = 0, 0.0, time.time(), 0
-    aux_stats = {k: torch.zeros(2, device=device) for k in ("shape", "color", "count", "motion")}
+    names = ("token_shape", "token_color", "shape", "color", "count", "motion")
+    aux_stats = {k: torch.zeros(2, device=device) for k in names}
     lm_stats = torch.zeros(len(scenes.KINDS), 2, device=device)
     for step, batch in enumerate(loader):
         waited += time.time() - t_wait
@@ -356,7 +398,7 @@ def train(args: argparse.Namespace) -> dict:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        aux, kind = batch.pop("aux"), batch.pop("kind")
+        aux, kind, tokens = batch.pop("aux"), batch.pop("kind"), batch.pop("token_labels")
         grid = batch.get("image_grid_thw", batch.get("video_grid_thw"))
         captured.clear()
         vision_only = step < args.vision_steps
@@ -371,7 +413,7 @@ def train(args: argparse.Namespace) -> dict:
                 result = model(**batch)
                 lm_loss = result.loss
                 lm_stats += answer_hits(result.logits.detach(), batch["labels"], kind)
-            aux_loss, hits = heads.loss(captured[0], grid, aux)
+            aux_loss, hits = heads.loss(captured[0], grid, aux, tokens)
         for key, h in hits.items():
             aux_stats[key] += h
         loss = lm_loss + (1.0 if vision_only else args.aux_weight) * aux_loss
