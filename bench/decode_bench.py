@@ -27,6 +27,8 @@ Method, per row (a decode step makes one token per sequence: ms/step is the per-
   steps (the expected count under uniform routing when not measured).
 - ratio = measured / floor ms (P1: <= 1.3 at batch 1); bw = floor bytes / measured time as a share
   of the copy bandwidth (P2: >= 0.75 at batch 32).
+- a sanity line: how many leading greedy tokens of prompt 0 Glimpse and transformers share (equal
+  in float32; bf16 rounding may split near-ties later).
 Not a test: nothing is asserted. Not here: serving-level latency (``glimpse bench serve``).
 """
 
@@ -461,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         n = min(len(hf_tokens), len(ours_tokens))
         agree = leading_agreement(hf_tokens, ours_tokens)
         report["greedy_agreement"] = [agree, n]
-        print(f"greedy tokens at batch 1: Glimpse and transformers agree on {agree} of first {n}")
+        print(f"greedy tokens of prompt 0: Glimpse and transformers agree on {agree} of first {n}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)
