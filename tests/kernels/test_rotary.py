@@ -73,6 +73,14 @@ def test_rejects_cos_in_another_dtype() -> None:
         kernel.rotary_(qkv, rope.cos.float(), rope.sin.float(), 16)
 
 
+def _assert_bf16_rotated(got: torch.Tensor, want: torch.Tensor) -> None:
+    """The kernel rounds to bf16 once from fp32 while torch rounds after each op, so rotated
+    dims may differ by an ulp; the pass-through half of each head and v must be untouched."""
+    torch.testing.assert_close(got, want)  # bf16 tolerance: rtol 1.6e-2
+    assert torch.equal(got[:, :104, 64:], want[:, :104, 64:])
+    assert torch.equal(got[:, 104:], want[:, 104:])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tokens", [1, 32, 4096])
 def test_bf16_glm45v_heads(tokens: int) -> None:
@@ -80,7 +88,7 @@ def test_bf16_glm45v_heads(tokens: int) -> None:
     want = qkv.clone()
     kernel.rotary_reference_(want[:, :104], rope.cos, rope.sin, 64)
     kernel.rotary_(qkv[:, :104], rope.cos, rope.sin, 64)
-    assert torch.equal(qkv, want)
+    _assert_bf16_rotated(qkv, want)
 
 
 @pytest.mark.gpu
@@ -96,7 +104,7 @@ def test_replays_in_a_cuda_graph() -> None:
     rope.sin.copy_(fresh_rope.sin)
     graph.replay()
     kernel.rotary_reference_(fresh[:, :104], fresh_rope.cos, fresh_rope.sin, 64)
-    assert torch.equal(qkv, fresh)
+    _assert_bf16_rotated(qkv, fresh)
 
 
 @pytest.mark.gpu
@@ -114,4 +122,4 @@ def test_layer_agrees_with_triton_on_and_off(monkeypatch: pytest.MonkeyPatch) ->
     off = qkv.clone()
     layer.apply_(off[:, :104], rope)
     assert not calls
-    assert torch.equal(on, off)
+    _assert_bf16_rotated(on, off)
