@@ -59,6 +59,8 @@ from models.glm4v.model import Glm4vMoeForCausalLM
 from models.layers.moe import TopKRouter
 
 WARMUP_STEPS = 5
+# requests whose prompt is done decode while later prompts are still prefilling in chunks
+PREFILL_SLACK = 16
 INIT_STD = 0.02
 TINY_VOCAB = 512
 GIB = 1 << 30
@@ -261,7 +263,7 @@ def build_engine(model, cfg: ModelConfig, max_batch: int, max_len: int, graphs: 
 
 def run_engine(engine: LLMEngine, prompts: torch.Tensor, steps: int, repeats: int) -> EngineRun:
     batch = prompts.shape[0]
-    budget = WARMUP_STEPS + repeats * steps + 2
+    budget = WARMUP_STEPS + repeats * steps + 2 + PREFILL_SLACK
     params = SamplingParams(max_tokens=budget, temperature=0.0, ignore_eos=True)
     for i, prompt in enumerate(prompts.tolist()):
         engine.add_request(f"b{batch}-{i}", prompt, params)
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    max_len = a.prompt_len + WARMUP_STEPS + a.repeats * a.steps + 4
+    max_len = a.prompt_len + WARMUP_STEPS + a.repeats * a.steps + 4 + PREFILL_SLACK
     context = a.prompt_len + WARMUP_STEPS + a.repeats * a.steps / 2
     ours_tokens: list[int] = []
     for graphs in [False, True] if device.type == "cuda" else [False]:
