@@ -12,6 +12,7 @@ import math
 import random
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
@@ -64,7 +65,10 @@ def _background(rng: random.Random, w: int, h: int, avoid: list[str]) -> Image.I
             break
     img = Image.new("RGB", (w, h), base)
     if rng.random() < 0.5:
-        noise = Image.effect_noise((w, h), rng.uniform(10, 40)).convert("RGB")
+        # drawn from ``rng`` (not Pillow's own generator) so a seed repeats the exact pixels
+        gen = np.random.default_rng(rng.getrandbits(32))
+        grey = np.clip(128 + gen.normal(0, rng.uniform(10, 40), (h, w)), 0, 255)
+        noise = Image.fromarray(grey.astype(np.uint8), "L").convert("RGB")
         img = Image.blend(img, noise, rng.uniform(0.1, 0.3))
     return img
 
