@@ -144,9 +144,16 @@ class Glm4vMoeDecoderLayer(nn.Module):
         rope: RotaryCos,
         rotary: MRotaryEmbedding,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, H]
-        h = x + self.self_attn(self.input_layernorm(x), rope, rotary, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        residual: torch.Tensor | None,  # [T, H] the stream before x is added; None: first layer
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this layer's MLP output, residual before it)
+        # the residual add rides in the next norm (one fused kernel on CUDA instead of two)
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, rope, rotary, meta)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x), residual
 
 
 class Glm4vMoeTextModel(nn.Module):
@@ -178,6 +185,7 @@ class Glm4vMoeTextModel(nn.Module):
     ) -> torch.Tensor:  # [T, H]
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         rope = self.rotary_emb(positions, x.dtype)  # once per step, shared by every layer
+        residual = None
         for layer in self.layers:
-            x = layer(x, rope, self.rotary_emb, meta)
-        return self.norm(x)
+            x, residual = layer(x, rope, self.rotary_emb, meta, residual)
+        return self.norm(x) if residual is None else self.norm.add_forward(x, residual).out
