@@ -21,7 +21,6 @@ import json
 import multiprocessing as mp
 import signal
 import statistics
-import struct
 import sys
 import time
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import grpc
 import torch
 
+from encoder_service.convert import chunk_from_message, chunk_message
 from encoder_service.transport import (
     EmbeddingChunk,
     EmbeddingExporter,
@@ -40,19 +40,17 @@ from encoder_service.transport import (
     grpc_message_options,
     grpc_status,
 )
+from protos import encoder_pb2 as pb
 
 SERVICE = "glimpse.bench.Transport"
-_HEADER = struct.Struct("<QQIB")
 
 
-def _encode_chunk(c: EmbeddingChunk) -> bytes:
-    crc = c.crc32 if c.crc32 is not None else 0
-    return _HEADER.pack(c.offset, c.total_bytes, crc, c.crc32 is not None) + c.data
+def _encode_chunk(c: EmbeddingChunk) -> bytes:  # the encoder's own wire message
+    return chunk_message(c).SerializeToString()
 
 
 def _decode_chunk(b: bytes) -> EmbeddingChunk:
-    offset, total, crc, has_crc = _HEADER.unpack_from(b)
-    return EmbeddingChunk(offset, b[_HEADER.size :], total, crc if has_crc else None)
+    return chunk_from_message(pb.EmbeddingChunk.FromString(b))
 
 
 def _js(d: Any) -> bytes:

@@ -128,6 +128,8 @@ def encode_response(
 
 def chunk_message(chunk: EmbeddingChunk) -> pb.EmbeddingChunk:
     msg = pb.EmbeddingChunk(offset=chunk.offset, data=chunk.data, total_bytes=chunk.total_bytes)
+    if chunk.crc32c is not None:
+        msg.crc32c = chunk.crc32c
     if chunk.crc32 is not None:
         msg.crc32 = chunk.crc32
     return msg
@@ -203,8 +205,13 @@ def location_from_message(d: pb.EmbeddingDescriptor) -> EmbeddingLocation:
 
 
 def chunk_from_message(msg: pb.EmbeddingChunk) -> EmbeddingChunk:
-    crc = msg.crc32 if msg.HasField("crc32") else None
-    return EmbeddingChunk(offset=msg.offset, data=msg.data, total_bytes=msg.total_bytes, crc32=crc)
+    return EmbeddingChunk(
+        offset=msg.offset,
+        data=msg.data,
+        total_bytes=msg.total_bytes,
+        crc32=msg.crc32 if msg.HasField("crc32") else None,
+        crc32c=msg.crc32c if msg.HasField("crc32c") else None,
+    )
 
 
 def fetch_request(embedding_id: str, chunk_bytes: int = 0) -> pb.FetchEmbeddingRequest:

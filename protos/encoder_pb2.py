@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/encoder.proto\x12\x12glimpse.encoder.v1\"W\n\x0cMediaOptions\x12\x12\n\nmin_pixels\x18\x01 \x01(\x03\x12\x12\n\nmax_pixels\x18\x02 \x01(\x03\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x01\x12\x12\n\nmax_frames\x18\x04 \x01(\x05\"\x97\x01\n\tMediaItem\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12.\n\x08modality\x18\x03 \x01(\x0e\x32\x1c.glimpse.encoder.v1.Modality\x12\x31\n\x07options\x18\x04 \x01(\x0b\x32 .glimpse.encoder.v1.MediaOptionsB\x08\n\x06source\"n\n\rEncodeRequest\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.glimpse.encoder.v1.MediaItem\x12\x15\n\rnum_consumers\x18\x02 \x01(\r\x12\x18\n\x10\x63onsumer_host_id\x18\x03 \x01(\t\"*\n\x07GridTHW\x12\t\n\x01t\x18\x01 \x01(\x03\x12\t\n\x01h\x18\x02 \x01(\x03\x12\t\n\x01w\x18\x03 \x01(\x03\":\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"\xb0\x01\n\x11\x45mbeddingLocation\x12\x14\n\x0c\x65mbedding_id\x18\x01 \x01(\t\x12\x30\n\ttransport\x18\x02 \x01(\x0e\x32\x1d.glimpse.encoder.v1.Transport\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x12\n\ngeneration\x18\x07 \x01(\x04\"\xae\x02\n\x13\x45mbeddingDescriptor\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12-\n\x08grid_thw\x18\x03 \x01(\x0b\x32\x1b.glimpse.encoder.v1.GridTHW\x12\x12\n\ntimestamps\x18\x04 \x03(\x01\x12.\n\x08modality\x18\x05 \x01(\x0e\x32\x1c.glimpse.encoder.v1.Modality\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12.\n\x06tensor\x18\x07 \x01(\x0b\x32\x1e.glimpse.encoder.v1.TensorSpec\x12\x37\n\x08location\x18\x08 \x01(\x0b\x32%.glimpse.encoder.v1.EmbeddingLocation\"H\n\x0e\x45ncodeResponse\x12\x36\n\x05items\x18\x01 \x03(\x0b\x32\'.glimpse.encoder.v1.EmbeddingDescriptor\"B\n\x15\x46\x65tchEmbeddingRequest\x12\x14\n\x0c\x65mbedding_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"a\n\x0e\x45mbeddingChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x12\n\x05\x63rc32\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_crc32\"5\n\nAckRequest\x12\x15\n\rembedding_ids\x18\x01 \x03(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\"5\n\x0b\x41\x63kResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\r\x12\x10\n\x08released\x18\x02 \x01(\r*L\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02*l\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSPORT_GRPC_STREAM\x10\x01\x12\x11\n\rTRANSPORT_SHM\x10\x02\x12\x16\n\x12TRANSPORT_CUDA_IPC\x10\x03\x32\x85\x02\n\x07\x45ncoder\x12O\n\x06\x45ncode\x12!.glimpse.encoder.v1.EncodeRequest\x1a\".glimpse.encoder.v1.EncodeResponse\x12\x61\n\x0e\x46\x65tchEmbedding\x12).glimpse.encoder.v1.FetchEmbeddingRequest\x1a\".glimpse.encoder.v1.EmbeddingChunk0\x01\x12\x46\n\x03\x41\x63k\x12\x1e.glimpse.encoder.v1.AckRequest\x1a\x1f.glimpse.encoder.v1.AckResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14protos/encoder.proto\x12\x12glimpse.encoder.v1\"W\n\x0cMediaOptions\x12\x12\n\nmin_pixels\x18\x01 \x01(\x03\x12\x12\n\nmax_pixels\x18\x02 \x01(\x03\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x01\x12\x12\n\nmax_frames\x18\x04 \x01(\x05\"\x97\x01\n\tMediaItem\x12\x0e\n\x04\x64\x61ta\x18\x01 \x01(\x0cH\x00\x12\r\n\x03url\x18\x02 \x01(\tH\x00\x12.\n\x08modality\x18\x03 \x01(\x0e\x32\x1c.glimpse.encoder.v1.Modality\x12\x31\n\x07options\x18\x04 \x01(\x0b\x32 .glimpse.encoder.v1.MediaOptionsB\x08\n\x06source\"n\n\rEncodeRequest\x12,\n\x05items\x18\x01 \x03(\x0b\x32\x1d.glimpse.encoder.v1.MediaItem\x12\x15\n\rnum_consumers\x18\x02 \x01(\r\x12\x18\n\x10\x63onsumer_host_id\x18\x03 \x01(\t\"*\n\x07GridTHW\x12\t\n\x01t\x18\x01 \x01(\x03\x12\t\n\x01h\x18\x02 \x01(\x03\x12\t\n\x01w\x18\x03 \x01(\x03\":\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06nbytes\x18\x03 \x01(\x03\"\xb0\x01\n\x11\x45mbeddingLocation\x12\x14\n\x0c\x65mbedding_id\x18\x01 \x01(\t\x12\x30\n\ttransport\x18\x02 \x01(\x0e\x32\x1d.glimpse.encoder.v1.Transport\x12\r\n\x05ttl_s\x18\x03 \x01(\x01\x12\x0f\n\x07host_id\x18\x04 \x01(\t\x12\x0f\n\x07pool_id\x18\x05 \x01(\t\x12\x0e\n\x06offset\x18\x06 \x01(\x03\x12\x12\n\ngeneration\x18\x07 \x01(\x04\"\xae\x02\n\x13\x45mbeddingDescriptor\x12\x14\n\x0c\x63ontent_hash\x18\x01 \x01(\t\x12\x12\n\nnum_tokens\x18\x02 \x01(\x03\x12-\n\x08grid_thw\x18\x03 \x01(\x0b\x32\x1b.glimpse.encoder.v1.GridTHW\x12\x12\n\ntimestamps\x18\x04 \x03(\x01\x12.\n\x08modality\x18\x05 \x01(\x0e\x32\x1c.glimpse.encoder.v1.Modality\x12\x11\n\tcache_hit\x18\x06 \x01(\x08\x12.\n\x06tensor\x18\x07 \x01(\x0b\x32\x1e.glimpse.encoder.v1.TensorSpec\x12\x37\n\x08location\x18\x08 \x01(\x0b\x32%.glimpse.encoder.v1.EmbeddingLocation\"H\n\x0e\x45ncodeResponse\x12\x36\n\x05items\x18\x01 \x03(\x0b\x32\'.glimpse.encoder.v1.EmbeddingDescriptor\"B\n\x15\x46\x65tchEmbeddingRequest\x12\x14\n\x0c\x65mbedding_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\r\"\x81\x01\n\x0e\x45mbeddingChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x12\n\x05\x63rc32\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x06\x63rc32c\x18\x05 \x01(\rH\x01\x88\x01\x01\x42\x08\n\x06_crc32B\t\n\x07_crc32c\"5\n\nAckRequest\x12\x15\n\rembedding_ids\x18\x01 \x03(\t\x12\x10\n\x08\x63onsumer\x18\x02 \x01(\t\"5\n\x0b\x41\x63kResponse\x12\x14\n\x0c\x61\x63knowledged\x18\x01 \x01(\r\x12\x10\n\x08released\x18\x02 \x01(\r*L\n\x08Modality\x12\x18\n\x14MODALITY_UNSPECIFIED\x10\x00\x12\x12\n\x0eMODALITY_IMAGE\x10\x01\x12\x12\n\x0eMODALITY_VIDEO\x10\x02*l\n\tTransport\x12\x19\n\x15TRANSPORT_UNSPECIFIED\x10\x00\x12\x19\n\x15TRANSPORT_GRPC_STREAM\x10\x01\x12\x11\n\rTRANSPORT_SHM\x10\x02\x12\x16\n\x12TRANSPORT_CUDA_IPC\x10\x03\x32\x85\x02\n\x07\x45ncoder\x12O\n\x06\x45ncode\x12!.glimpse.encoder.v1.EncodeRequest\x1a\".glimpse.encoder.v1.EncodeResponse\x12\x61\n\x0e\x46\x65tchEmbedding\x12).glimpse.encoder.v1.FetchEmbeddingRequest\x1a\".glimpse.encoder.v1.EmbeddingChunk0\x01\x12\x46\n\x03\x41\x63k\x12\x1e.glimpse.encoder.v1.AckRequest\x1a\x1f.glimpse.encoder.v1.AckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.encoder_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODALITY']._serialized_start=1338
-  _globals['_MODALITY']._serialized_end=1414
-  _globals['_TRANSPORT']._serialized_start=1416
-  _globals['_TRANSPORT']._serialized_end=1524
+  _globals['_MODALITY']._serialized_start=1371
+  _globals['_MODALITY']._serialized_end=1447
+  _globals['_TRANSPORT']._serialized_start=1449
+  _globals['_TRANSPORT']._serialized_end=1557
   _globals['_MEDIAOPTIONS']._serialized_start=44
   _globals['_MEDIAOPTIONS']._serialized_end=131
   _globals['_MEDIAITEM']._serialized_start=134
@@ -53,12 +53,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENCODERESPONSE']._serialized_end=1059
   _globals['_FETCHEMBEDDINGREQUEST']._serialized_start=1061
   _globals['_FETCHEMBEDDINGREQUEST']._serialized_end=1127
-  _globals['_EMBEDDINGCHUNK']._serialized_start=1129
-  _globals['_EMBEDDINGCHUNK']._serialized_end=1226
-  _globals['_ACKREQUEST']._serialized_start=1228
-  _globals['_ACKREQUEST']._serialized_end=1281
-  _globals['_ACKRESPONSE']._serialized_start=1283
-  _globals['_ACKRESPONSE']._serialized_end=1336
-  _globals['_ENCODER']._serialized_start=1527
-  _globals['_ENCODER']._serialized_end=1788
+  _globals['_EMBEDDINGCHUNK']._serialized_start=1130
+  _globals['_EMBEDDINGCHUNK']._serialized_end=1259
+  _globals['_ACKREQUEST']._serialized_start=1261
+  _globals['_ACKREQUEST']._serialized_end=1314
+  _globals['_ACKRESPONSE']._serialized_start=1316
+  _globals['_ACKRESPONSE']._serialized_end=1369
+  _globals['_ENCODER']._serialized_start=1560
+  _globals['_ENCODER']._serialized_end=1821
 # @@protoc_insertion_point(module_scope)

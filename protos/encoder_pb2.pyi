@@ -134,16 +134,18 @@ class FetchEmbeddingRequest(_message.Message):
     def __init__(self, embedding_id: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class EmbeddingChunk(_message.Message):
-    __slots__ = ("offset", "data", "total_bytes", "crc32")
+    __slots__ = ("offset", "data", "total_bytes", "crc32", "crc32c")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     CRC32_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     total_bytes: int
     crc32: int
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., crc32: _Optional[int] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class AckRequest(_message.Message):
     __slots__ = ("embedding_ids", "consumer")

@@ -1,12 +1,14 @@
 """The ``grpc_stream`` path: bounded chunks out, validated reassembly in.
 
 Producer: ``split_chunks`` cuts an item's bytes into chunks of at most ``chunk_bytes`` (default
-4 MiB, clamped to [1 KiB, 4 MiB]), each carrying its offset, the item's total size and a CRC32 of
-its bytes. Flow control is gRPC's own: a server-streaming handler that yields these lazily never
+4 MiB, clamped to [1 KiB, 4 MiB]), each carrying its offset, the item's total size and a CRC-32C
+of its bytes (hardware-accelerated: zlib's CRC-32 ran at about 1.4 GB/s and cost more than the
+transfer). Flow control is gRPC's own: a server-streaming handler that yields these lazily never
 holds more than one chunk beyond what the transport buffered.
 
 Consumer: ``assemble`` reads chunks (an async or sync iterable of anything with ``offset``,
-``data``, ``total_bytes`` and optionally ``crc32``, so generated proto messages work as they are)
+``data``, ``total_bytes`` and optionally ``crc32c`` / ``crc32``, so generated proto messages work
+as they are)
 and checks that offsets are contiguous, totals agree, checksums match and the stream did not end
 early. Any violation is a ``StreamCutError`` (DATA_LOSS). A gRPC error in the middle of a stream is
 a cut too; before the first chunk it means the producer is unreachable (UNAVAILABLE) or the item
@@ -25,6 +27,7 @@ from collections.abc import AsyncIterable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import google_crc32c
 import grpc
 
 from encoder_service.transport.errors import PoolUnavailableError, StaleSlotError, StreamCutError
@@ -41,7 +44,8 @@ class EmbeddingChunk:
     offset: int  # byte offset of data in the item
     data: bytes
     total_bytes: int  # the item's size; lets the reader detect a cut stream
-    crc32: int | None = None  # zlib.crc32 of data; None when the wire format has no field for it
+    crc32: int | None = None  # zlib CRC-32 of data, from older producers; verified when present
+    crc32c: int | None = None  # CRC-32C of data; None when the producer sends no checksum
 
 
 def clamp_chunk_bytes(requested: int | None) -> int:
@@ -64,12 +68,12 @@ def split_chunks(
     step = clamp_chunk_bytes(chunk_bytes)
     total = len(view)
     if total == 0:
-        yield EmbeddingChunk(offset=0, data=b"", total_bytes=0, crc32=0 if checksum else None)
+        yield EmbeddingChunk(offset=0, data=b"", total_bytes=0, crc32c=0 if checksum else None)
         return
     for start in range(0, total, step):
         piece = bytes(view[start : start + step])
-        crc = zlib.crc32(piece) if checksum else None
-        yield EmbeddingChunk(offset=start, data=piece, total_bytes=total, crc32=crc)
+        crc = google_crc32c.value(piece) if checksum else None
+        yield EmbeddingChunk(offset=start, data=piece, total_bytes=total, crc32c=crc)
 
 
 class ChunkAssembler:
@@ -83,7 +87,7 @@ class ChunkAssembler:
 
     def add(self, chunk: Any) -> None:
         offset, data, total = int(chunk.offset), chunk.data, int(chunk.total_bytes)
-        crc = getattr(chunk, "crc32", None)
+        crc32c, crc32 = getattr(chunk, "crc32c", None), getattr(chunk, "crc32", None)
         if total != self._total:
             raise StreamCutError(
                 f"{self._what}: stream announces {total} bytes, descriptor says {self._total}"
@@ -95,7 +99,11 @@ class ChunkAssembler:
         end = offset + len(data)
         if end > self._total:
             raise StreamCutError(f"{self._what}: chunk runs past the end ({end} > {self._total})")
-        if crc is not None and zlib.crc32(data) != crc:
+        if crc32c is not None:
+            bad = google_crc32c.value(data) != crc32c
+        else:
+            bad = crc32 is not None and zlib.crc32(data) != crc32
+        if bad:
             raise StreamCutError(f"{self._what}: checksum mismatch in chunk at offset {offset}")
         self.buffer[offset:end] = data
         self.filled = end

@@ -82,7 +82,7 @@ def test_slot_reused_while_streaming_is_data_loss_without_foreign_bytes(setup):
     chunks = asyncio.run(collect(servicer, loc.embedding_id, ctx, expire_and_reuse))
     assert ctx.code == grpc.StatusCode.DATA_LOSS and "expired" in ctx.details
     assert len(chunks) == 1 and chunks[0].data == bytes(1024)  # only this item's bytes left
-    assert chunks[0].HasField("crc32")
+    assert chunks[0].HasField("crc32c")
 
 
 @pytest.mark.parametrize("embedding_id", ["", "not-an-id", "glimpse-1-ab:0:99"])

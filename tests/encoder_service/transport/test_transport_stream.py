@@ -7,6 +7,7 @@ import dataclasses
 import os
 import zlib
 
+import google_crc32c
 import pytest
 
 from encoder_service.transport import (
@@ -75,7 +76,7 @@ def test_split_then_assemble_is_identity_and_chunks_are_bounded(size):
     data = os.urandom(size)
     chunks = _chunks(data, MIN_CHUNK_BYTES)
     assert all(len(c.data) <= MIN_CHUNK_BYTES for c in chunks)
-    assert all(c.crc32 == zlib.crc32(c.data) for c in chunks)
+    assert all(c.crc32c == google_crc32c.value(c.data) and c.crc32 is None for c in chunks)
     assert asyncio.run(assemble(chunks, size)) == data
 
 
@@ -109,9 +110,22 @@ def _broken(kind: str, data: bytes) -> list[EmbeddingChunk]:
     if kind == "total":
         return [dataclasses.replace(c, total_bytes=c.total_bytes + 1) for c in chunks]
     if kind == "overrun":
-        extra = EmbeddingChunk(len(data), b"x", len(data), zlib.crc32(b"x"))
+        extra = EmbeddingChunk(len(data), b"x", len(data), crc32c=google_crc32c.value(b"x"))
         return [*chunks, extra]
     raise AssertionError(kind)
+
+
+def test_chunks_from_an_older_producer_with_zlib_crc32_are_verified():
+    data = os.urandom(3000)
+    old = [
+        EmbeddingChunk(c.offset, c.data, c.total_bytes, crc32=zlib.crc32(c.data))
+        for c in split_chunks(data, 1024, checksum=False)
+    ]
+    assert asyncio.run(assemble(old, len(data))) == data
+    bad = bytes([old[1].data[0] ^ 0xFF]) + old[1].data[1:]
+    old[1] = dataclasses.replace(old[1], data=bad)
+    with pytest.raises(StreamCutError, match="checksum"):
+        asyncio.run(assemble(old, len(data)))
 
 
 @pytest.mark.parametrize("kind", ["cut", "gap", "reorder", "corrupt", "total", "overrun"])
@@ -125,7 +139,7 @@ def test_broken_streams_raise_data_loss(kind):
 def test_chunks_without_checksums_still_validate_length():
     data = os.urandom(3000)
     chunks = list(split_chunks(data, 1024, checksum=False))
-    assert all(c.crc32 is None for c in chunks)
+    assert all(c.crc32 is None and c.crc32c is None for c in chunks)
     assert asyncio.run(assemble(chunks, len(data))) == data
     with pytest.raises(StreamCutError):
         asyncio.run(assemble(chunks[:2], len(data)))

@@ -32,7 +32,7 @@ from encoder_service.transport import (
 )
 
 SERVICE = "glimpse.test.Transport"
-_HEADER = struct.Struct("<QQIB")  # offset, total_bytes, crc32, has_crc
+_HEADER = struct.Struct("<QQIB")  # offset, total_bytes, crc32c, has_crc
 
 
 def seeded_embedding(rows: int, hidden: int, seed: int, device: str = "cpu") -> torch.Tensor:
@@ -41,14 +41,14 @@ def seeded_embedding(rows: int, hidden: int, seed: int, device: str = "cpu") -> 
 
 
 def encode_chunk(c: EmbeddingChunk) -> bytes:
-    crc = c.crc32 if c.crc32 is not None else 0
-    return _HEADER.pack(c.offset, c.total_bytes, crc, c.crc32 is not None) + c.data
+    crc = c.crc32c if c.crc32c is not None else 0
+    return _HEADER.pack(c.offset, c.total_bytes, crc, c.crc32c is not None) + c.data
 
 
 def decode_chunk(b: bytes) -> EmbeddingChunk:
     offset, total, crc, has_crc = _HEADER.unpack_from(b)
     data = b[_HEADER.size :]
-    return EmbeddingChunk(offset, data, total, crc if has_crc else None)
+    return EmbeddingChunk(offset, data, total, crc32c=crc if has_crc else None)
 
 
 class _FakeClock:
