@@ -284,6 +284,27 @@ class SceneStream(IterableDataset):
             yield collate(items, pad)
 
 
+def batches(args: argparse.Namespace, out: Path):
+    """The vision-only steps' batches (``--vision-batch-size``: those steps are cheap, so they
+    can see many more pictures), then the full model's, as one stream."""
+
+    def stream(batch_size: int, seed: int) -> DataLoader:
+        return DataLoader(
+            SceneStream(out, seed, batch_size),
+            batch_size=None,
+            num_workers=args.workers,
+            prefetch_factor=4 if args.workers else None,
+        )
+
+    if args.vision_steps:
+        vision = stream(args.vision_batch_size or args.batch_size, args.seed + 1)
+        for step, batch in enumerate(vision):
+            if step >= args.vision_steps:
+                break
+            yield batch
+    yield from stream(args.batch_size, args.seed)
+
+
 def collate(items: list[dict], pad_id: int) -> dict:
     n = max(len(i["input_ids"]) for i in items)
     ids = torch.full((len(items), n), pad_id, dtype=torch.long)
@@ -359,12 +380,7 @@ def train(args: argparse.Namespace) -> dict:
         model = Glm4vMoeForConditionalGeneration(config).to(device=device, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
-    loader = DataLoader(
-        SceneStream(out, args.seed, args.batch_size),
-        batch_size=None,
-        num_workers=args.workers,
-        prefetch_factor=4 if args.workers else None,
-    )
+    loader = batches(args, out)
     heads = AuxHeads(config.vision_config.out_hidden_size).to(device)
     heads_file = Path(args.resume or out) / "aux_heads.pt"
     if args.resume and heads_file.exists():
@@ -467,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--vision-batch-size", type=int, default=0, help="batch of the vision-only steps (0: same)"
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument(
