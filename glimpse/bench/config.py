@@ -14,7 +14,7 @@ DATASETS = ("visionarena-synthetic", "text-synthetic")
 
 @dataclass(frozen=True)
 class ServeBenchConfig:
-    base_url: str = "http://127.0.0.1:8124"
+    base_url: str = "http://127.0.0.1:8000"  # `glimpse serve`'s default gateway
     # None: the first id listed by GET /v1/models.
     model: str | None = None
     # Sent as ``Authorization: Bearer <key>`` when set.
