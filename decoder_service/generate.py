@@ -113,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
             vision=has_media,
             text=True,
             seed=config.load.seed,
+            quantization=config.load.quantization,
         )
         thinking = None if args.enable_thinking is None else args.enable_thinking == "on"
         prepared = prepare_prompt(

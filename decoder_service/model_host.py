@@ -55,6 +55,7 @@ def load_engine(config: DecoderServiceConfig) -> LoadedModel:
         vision=False,
         text=True,
         seed=load.seed,
+        quantization=load.quantization,
     )
     if device.type == "cuda":
         torch.cuda.empty_cache()

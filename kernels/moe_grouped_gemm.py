@@ -14,6 +14,13 @@ takes the reference by default because per-group BLAS calls beat the CPU build o
 reference reads the offsets on the host, so it synchronises a CUDA stream; the fused path does not
 (it can be captured in a CUDA graph).
 
+FP8 variant: ``scaled_grouped_mm(x, w, w_scale, offs)`` with ``w [G, N, K]`` float8_e4m3fn codes
+and ``w_scale [G, N, 1]`` float32 (one scale per output row of each group) returns
+``[M, N] x.dtype``. On CUDA, when ``torch._scaled_grouped_mm`` probes correct (per device and
+dtype, like the bf16 probe), ``x`` is quantised per row (``kernels/quant_fp8.py``) and one FP8
+grouped GEMM runs with row-wise scales; otherwise ``scaled_grouped_mm_reference`` dequantises each
+non-empty group's weight to ``x.dtype`` and runs a dense GEMM on the unquantised rows.
+
 What does not belong here: routing, the token permutation, the activation, the weighted combine.
 """
 
@@ -21,7 +28,11 @@ from __future__ import annotations
 
 import torch
 
+from kernels.dispatch import triton_enabled
+from kernels.quant_fp8 import FP8_DTYPE, quant_fp8_per_token, quant_fp8_per_token_reference
+
 _PROBED: dict[tuple[str, int | None, torch.dtype], bool] = {}
+_PROBED_SCALED: dict[tuple[str, int | None, torch.dtype], bool] = {}
 
 
 def grouped_mm(
@@ -84,5 +95,83 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     except (RuntimeError, NotImplementedError):
         return False
     want = grouped_mm_reference(x, w, offs)
+    # a kernel that runs but disagrees with dense GEMMs is not used
+    return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))
+
+
+def scaled_grouped_mm(
+    x: torch.Tensor,  # [M, K] bf16
+    w: torch.Tensor,  # [G, N, K] float8_e4m3fn
+    w_scale: torch.Tensor,  # [G, N, 1] float32
+    offs: torch.Tensor,  # [G] int32, cumulative end row of each group
+    use_fused: bool | None = None,  # None = pick; False forces the reference loop
+) -> torch.Tensor:  # [M, N] x.dtype
+    if use_fused is None:
+        use_fused = scaled_fused_supported(x, w)
+    if not use_fused:
+        return scaled_grouped_mm_reference(x, w, w_scale, offs)
+    quant = quant_fp8_per_token if triton_enabled(x) else quant_fp8_per_token_reference
+    xq = quant(x)
+    g, n = w.shape[0], w.shape[1]
+    return torch._scaled_grouped_mm(
+        xq.q,
+        w.transpose(-2, -1),
+        xq.scale.view(-1),
+        w_scale.view(g, n),
+        offs=offs.to(torch.int32),
+        out_dtype=x.dtype,
+    )
+
+
+def scaled_grouped_mm_reference(
+    x: torch.Tensor,  # [M, K]
+    w: torch.Tensor,  # [G, N, K] float8_e4m3fn
+    w_scale: torch.Tensor,  # [G, N, 1] float32
+    offs: torch.Tensor,  # [G] int32
+) -> torch.Tensor:  # [M, N] x.dtype; rows past offs[-1] left uninitialised
+    out = x.new_empty(x.shape[0], w.shape[1])
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            wg = (w[g].float() * w_scale[g]).to(x.dtype)  # one group's weight at a time
+            torch.matmul(x[start:end], wg.t(), out=out[start:end])
+        start = end
+    return out
+
+
+def scaled_fused_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """True when ``torch._scaled_grouped_mm`` runs correctly for these CUDA operands."""
+    if not hasattr(torch, "_scaled_grouped_mm") or w.dtype != FP8_DTYPE:
+        return False
+    if not x.is_cuda or x.device != w.device or x.dtype != torch.bfloat16:
+        return False
+    # FP8 rows of K and N bytes must be 16-byte aligned; the codes are stacked contiguously
+    if x.shape[1] % 16 or w.shape[1] % 16 or not w.is_contiguous():
+        return False
+    key = (x.device.type, x.device.index, x.dtype)
+    if key not in _PROBED_SCALED:
+        _PROBED_SCALED[key] = _probe_scaled(x.device, x.dtype)
+    return _PROBED_SCALED[key]
+
+
+def _probe_scaled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Run a tiny problem with uneven groups once; a GPU or build without the kernel raises."""
+    # NOTE: synchronises the device, once, during the warm-up forward (before graph capture).
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(21, 64, generator=gen).to(device=device, dtype=dtype)
+    wf = torch.randn(3, 32, 64, generator=gen).to(device)
+    w_scale = wf.abs().amax(-1, keepdim=True) / torch.finfo(FP8_DTYPE).max  # [3, 32, 1]
+    w = (wf / w_scale).clamp(-448.0, 448.0).to(FP8_DTYPE)
+    offs = torch.tensor([5, 5, 21], dtype=torch.int32, device=device)  # one empty group
+    xq = quant_fp8_per_token_reference(x)
+    try:
+        got = torch._scaled_grouped_mm(
+            xq.q, w.transpose(-2, -1), xq.scale.view(-1), w_scale.view(3, 32), offs=offs,
+            out_dtype=dtype,
+        )  # fmt: skip
+    except (RuntimeError, NotImplementedError):
+        return False
+    x_deq = (xq.q.float() * xq.scale).to(dtype)  # the activations the kernel saw
+    want = scaled_grouped_mm_reference(x_deq, w, w_scale, offs)
     # a kernel that runs but disagrees with dense GEMMs is not used
     return bool(torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2))

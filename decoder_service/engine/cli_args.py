@@ -18,6 +18,7 @@ from decoder_service.engine.config import (
     CPU_DEFAULT_NUM_BLOCKS,
     DECODE_ATTENTION,
     DTYPES,
+    QUANTIZATION_MODES,
     CacheConfig,
     EngineConfig,
     ExecutionConfig,
@@ -42,6 +43,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "safetensors", "dummy"),
         default=load.load_format,
         help="dummy = random weights (benchmarks without a download)",
+    )
+    g.add_argument(
+        "--quantization",
+        choices=QUANTIZATION_MODES,
+        default=load.quantization,
+        help="auto = FP8 weights and GEMMs when the checkpoint is FP8 and the GPU is sm_89+; "
+        "fp8 = force them (bf16 or dummy weights are quantised per channel); "
+        "none = dequantise FP8 checkpoints to --dtype",
     )
     g = parser.add_argument_group("KV cache and scheduling")
     g.add_argument("--block-size", type=int, default=cache.block_size, help="tokens per KV block")
@@ -144,6 +153,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             dtype=args.dtype,
             device=args.device,
             load_format=args.load_format,
+            quantization=args.quantization,
         ),
         cache=CacheConfig(
             block_size=args.block_size,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATION_MODES = ("auto", "fp8", "none")  # the set models/glm4v/loader.py accepts
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,9 @@ class LoadConfig:
     dtype: str = "auto"  # auto = bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto = cuda when available, else cpu
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
+    # FP8 compute: "auto" follows the checkpoint's quantization_config (CUDA sm_89+ only),
+    # "fp8" forces it (also for bf16 or dummy weights), "none" dequantises FP8 checkpoints
+    quantization: str = "auto"
     seed: int = 0  # seeds dummy weights and unseeded sampling
 
 

@@ -284,6 +284,7 @@ def load_parallel_engine(
             vision=False,
             text=True,
             seed=load.seed,
+            quantization=load.quantization,
         )
         return LLMEngine(model, model_config, config, tokenizer, workers=workers)
     except BaseException:

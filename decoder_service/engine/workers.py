@@ -177,7 +177,14 @@ def _serve(spec: WorkerSpec, rank: int, groups: RankGroups) -> None:
     device = rank_device(load, rank)
     dtype = resolve_dtype(load.dtype, device)
     model = load_model(
-        load.model_path, dtype, device, load.load_format, vision=False, text=True, seed=load.seed
+        load.model_path,
+        dtype,
+        device,
+        load.load_format,
+        vision=False,
+        text=True,
+        seed=load.seed,
+        quantization=load.quantization,
     )
     media = MediaStore()
     runner = ModelRunner(model, spec.block_size, media.get)

@@ -10,6 +10,11 @@ be left out (encoder processes build only the tower, decoder ranks only the text
 - ``load_weights(iterable of (checkpoint name, tensor)) -> LoadReport`` maps checkpoint names
   (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``) onto the fused parameters
   through their weight loaders; ``checkpoint_names()`` lists every tensor the built parts need.
+- ``fp8=True`` keeps the text decoder's projection and expert weights as FP8 codes with
+  per-output-channel scales (``models/layers/fp8.py``); ``load_weights`` then also takes
+  ``<weight name>_scale`` ``[out, 1]`` tensors, and ``fp8_checkpoint_name(name)`` says which
+  checkpoint weights the loader should hand over as FP8 codes. Embeddings, lm_head, norms, the
+  router and the vision tower stay in ``dtype``.
 
 What does not belong here: reading files and FP8 dequantisation (loader.py), positions
 (processing/rope_index.py), sampling, KV cache management.
@@ -28,6 +33,7 @@ from models.glm4v.config import ModelConfig
 from models.glm4v.errors import CheckpointError
 from models.glm4v.text_model import Glm4vMoeTextModel
 from models.layers.attention import AttentionMetadata
+from models.layers.fp8 import convert_to_fp8
 from models.layers.linear import ColumnParallelLinear, default_weight_loader
 
 TEXT_PREFIX = "model.language_model."
@@ -42,7 +48,7 @@ _STACKED = (
     (".gate_proj.", ".gate_up_proj.", 0),
     (".up_proj.", ".gate_up_proj.", 1),
 )
-_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight(_scale)?$")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 _EXPERT_SHARD = {
     "gate": ("w13_weight", "w1"),
@@ -75,11 +81,13 @@ class Glm4vMoeForCausalLM(nn.Module):
         dtype: torch.dtype | None = None,
         vision: bool = True,
         text: bool = True,
+        fp8: bool = False,
     ) -> None:
         super().__init__()
         if not (vision or text):
             raise ValueError("build at least one of the vision tower and the text decoder")
         self.config = config
+        self.fp8 = fp8 and text
         self.visual: nn.Module | None = None
         self.language_model: Glm4vMoeTextModel | None = None
         self.lm_head: ColumnParallelLinear | None = None
@@ -88,6 +96,8 @@ class Glm4vMoeForCausalLM(nn.Module):
         if text:
             tc = config.text
             self.language_model = Glm4vMoeTextModel(tc, dtype)
+            if fp8:
+                convert_to_fp8(self.language_model)
             self.lm_head = ColumnParallelLinear(
                 tc.hidden_size, tc.vocab_size, bias=False, gather_output=True, dtype=dtype
             )
@@ -184,6 +194,7 @@ class Glm4vMoeForCausalLM(nn.Module):
             out.append(("lm_head.weight", tensor, None))
         if m := _EXPERT.match(sub):
             param, shard = _EXPERT_SHARD[m.group(3)]
+            param += m.group(4) or ""  # "_scale" for an FP8 weight's scale
             out.append((f"language_model.{m.group(1)}.{param}", tensor, (shard, int(m.group(2)))))
             return out
         for ckpt_part, ours, shard in _STACKED:
@@ -192,6 +203,15 @@ class Glm4vMoeForCausalLM(nn.Module):
                 return [(f"language_model.{fused}", tensor, shard)]
         out.append((f"language_model.{sub}", tensor, None))
         return out
+
+    def fp8_checkpoint_name(self, name: str) -> bool:
+        """Whether the checkpoint weight ``name`` lands in an FP8 parameter of this model: the
+        text decoder's attention, MLP, shared-expert and routed-expert projections."""
+        if not (self.fp8 and name.startswith(TEXT_PREFIX) and name.endswith("_proj.weight")):
+            return False
+        layer = _LAYER.match(name[len(TEXT_PREFIX) :])
+        # MTP layers past num_hidden_layers are dropped anyway: no need to requantise them
+        return layer is not None and int(layer.group(1)) < self.config.text.num_hidden_layers
 
     def checkpoint_names(self) -> list[str]:
         """Every checkpoint tensor the built parts need (the loader reports the missing ones)."""

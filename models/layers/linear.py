@@ -12,7 +12,10 @@ the tensor name. Layouts (Megatron style):
 - ``RowParallelLinear``: input columns split, partial outputs summed by an all-reduce; the bias
   is added once, after the sum.
 
-What does not belong here: quantized compute (weights arrive dequantized for now), names of
+Column and row layers carry ``quant_method`` (None = plain GEMM in the weight's dtype); FP8
+weights (``models/layers/fp8.py``) set it, and the forward then calls ``quant_method.apply``.
+
+What does not belong here: quantized weight formats and their GEMMs (fp8.py), names of
 checkpoint tensors (the model maps them), attention or MLP wiring.
 """
 
@@ -45,6 +48,13 @@ def default_weight_loader(
     """Replicated parameter: the checkpoint tensor is copied whole."""
     check_shape(loaded, tuple(param.shape))
     param.data.copy_(loaded)
+
+
+def _matmul(layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    method = layer.quant_method
+    if method is None:
+        return F.linear(x, layer.weight, bias)
+    return method.apply(layer, x, bias)
 
 
 def _new_param(shape: tuple[int, ...], dtype: torch.dtype | None, loader) -> nn.Parameter:
@@ -91,6 +101,7 @@ class ColumnParallelLinear(nn.Module):
         rows = self.output_size_per_partition
         self.weight = _new_param((rows, input_size), dtype, self.weight_loader)
         self.bias = _new_param((rows,), dtype, self.weight_loader) if bias else None
+        self.quant_method = None  # set by a quantized weight format (fp8.py)
 
     def weight_loader(
         self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None
@@ -100,7 +111,7 @@ class ColumnParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in] -> [T, out(/tp)]
-        y = F.linear(x, self.weight, self.bias)
+        y = _matmul(self, x, self.bias)
         return tensor_model_parallel_all_gather(y, dim=-1) if self.gather_output else y
 
 
@@ -207,6 +218,7 @@ class RowParallelLinear(nn.Module):
         cols = self.input_size_per_partition
         self.weight = _new_param((output_size, cols), dtype, self.weight_loader)
         self.bias = _new_param((output_size,), dtype, default_weight_loader) if bias else None
+        self.quant_method = None  # set by a quantized weight format (fp8.py)
 
     def weight_loader(
         self, param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None
@@ -216,7 +228,7 @@ class RowParallelLinear(nn.Module):
         param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, in/tp] -> [T, out]
-        y = F.linear(x, self.weight)
+        y = _matmul(self, x, None)
         if self.reduce_results:
             y = tensor_model_parallel_all_reduce(y)
         if self.bias is not None:

@@ -15,9 +15,12 @@ Contract:
   [E_local, H, I_local]``; ``weight_loader(param, loaded, shard_id "w1"|"w3"|"w2", expert_id)``
   takes one checkpoint expert tensor. Sharding: expert parallel keeps whole experts
   ``[rank*E/ws, (rank+1)*E/ws)``; tensor parallel keeps every expert's slice of the
-  intermediate dim.
+  intermediate dim. In FP8 (``models/layers/fp8.py``, ``Fp8MoEMethod``) both weights hold
+  ``float8_e4m3fn`` codes beside ``w13_weight_scale [E_local, 2I, 1]`` / ``w2_weight_scale
+  [E_local, H, 1]`` float32, and the GEMMs are ``scaled_grouped_mm``.
 
-What does not belong here: the shared expert (a dense MLP in the model), quantized compute.
+What does not belong here: the shared expert (a dense MLP in the model), FP8 weight creation
+and loading (fp8.py).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from torch import nn
 
 from kernels import moe_routing
 from kernels.dispatch import triton_enabled
-from kernels.moe_grouped_gemm import grouped_mm
+from kernels.moe_grouped_gemm import grouped_mm, scaled_grouped_mm
 from models.distributed import divide, get_parallel_state
 from models.layers.activation import silu_and_mul
 from models.layers.linear import check_shape, default_weight_loader
@@ -111,6 +114,9 @@ class FusedMoE(nn.Module):
         self.w2_weight = nn.Parameter(torch.empty(e, hidden_size, i, dtype=dtype), False)
         self.w13_weight.weight_loader = self.weight_loader
         self.w2_weight.weight_loader = self.weight_loader
+        # set (with FP8 weights) by fp8.Fp8MoEMethod.create_weights
+        self.w13_weight_scale: nn.Parameter | None = None  # [E_local, 2I, 1] float32
+        self.w2_weight_scale: nn.Parameter | None = None  # [E_local, H, 1] float32
         self._bounds: torch.Tensor | None = None  # [E_local] int64 1..E_local, lazily
 
     def weight_loader(
@@ -149,6 +155,8 @@ class FusedMoE(nn.Module):
             self.expert_start,
             foreign_slots=foreign,
             bounds=self._bounds,
+            w13_scale=self.w13_weight_scale,
+            w2_scale=self.w2_weight_scale,
         )
 
 
@@ -166,6 +174,8 @@ def experts_grouped(
     foreign_slots: bool = True,  # False only when every routed id is a local expert
     use_fused: bool | None = None,  # passed to grouped_mm; None = its own choice
     bounds: torch.Tensor | None = None,  # [E_local] int64 1..E_local, reused across calls
+    w13_scale: torch.Tensor | None = None,  # [E_local, 2I, 1] float32 when w13 is FP8
+    w2_scale: torch.Tensor | None = None,  # [E_local, H, 1] float32 when w2 is FP8
 ) -> torch.Tensor:  # [T, H] float32
     """Sort the (token, k) slots by expert once, run both expert GEMMs as grouped GEMMs over
     contiguous row blocks, then weight and scatter-add back with one ``index_add_``.
@@ -188,14 +198,26 @@ def experts_grouped(
         bounds = _expert_bounds(e_local, x.device)
     offs = torch.searchsorted(keys, bounds, out_int32=True)  # [E_local] end row of each expert
     tokens = order // k  # [T*K] source token of each sorted slot
-    h = silu_and_mul(grouped_mm(x.index_select(0, tokens), w13, offs, use_fused))
-    y = grouped_mm(h, w2, offs, use_fused).float()  # [T*K, H]
+    h = silu_and_mul(_expert_mm(x.index_select(0, tokens), w13, w13_scale, offs, use_fused))
+    y = _expert_mm(h, w2, w2_scale, offs, use_fused).float()  # [T*K, H]
     y = y * route.weights.reshape(-1).index_select(0, order)[:, None]
     if foreign_slots:
         # rows past offs[-1] are unspecified (may hold NaN), so select rather than scale
         y = torch.where((keys < e_local)[:, None], y, 0.0)
     out.index_add_(0, tokens, y)
     return out
+
+
+def _expert_mm(
+    x: torch.Tensor,  # [M, K]
+    w: torch.Tensor,  # [E_local, N, K] x.dtype, or float8_e4m3fn codes with ``scale``
+    scale: torch.Tensor | None,  # [E_local, N, 1] float32 or None
+    offs: torch.Tensor,  # [E_local] int32
+    use_fused: bool | None,
+) -> torch.Tensor:  # [M, N] x.dtype
+    if scale is None:
+        return grouped_mm(x, w, offs, use_fused)
+    return scaled_grouped_mm(x, w, scale, offs, use_fused)
 
 
 def experts_reference(
