@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from models.glm4v.demo import scenes, train
+from models.glm4v.demo import data, scenes
 
 
 def _mask_of(img, color: str) -> np.ndarray:  # [H, W] bool: pixels in the shape's colour
@@ -78,7 +78,7 @@ def test_token_labels_sit_under_the_shape() -> None:
         p = ex.objects[0]
         w, h = ex.size
         gh, gw = 2 * rng.randint(3, 16), 2 * rng.randint(3, 16)  # a patch grid, as the processor
-        labels = train.token_labels(ex, [1, gh, gw])
+        labels = data.token_labels(ex, [1, gh, gw])
         rows, cols = gh // 2, gw // 2
         assert labels.shape == (rows * cols, 2)
         # a token is foreground exactly when its cell's centre pixel shows the shape
@@ -96,5 +96,5 @@ def test_token_labels_sit_under_the_shape() -> None:
 
 def test_video_tokens_carry_no_dense_labels() -> None:
     ex = scenes.make_example(random.Random(3), "motion")
-    labels = train.token_labels(ex, [4, 8, 8])
+    labels = data.token_labels(ex, [4, 8, 8])
     assert labels.shape == (4 * 4 * 4, 2) and (labels == -100).all()
