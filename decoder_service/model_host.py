@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from decoder_service.config import DecoderServiceConfig
-from decoder_service.engine.cli_args import resolve_device, resolve_dtype
+from decoder_service.engine.cli_args import resolve_device
 from decoder_service.engine.engine import LLMEngine
+from decoder_service.engine.workers import load_text_model
 from models.glm4v.config import ModelConfig, load_model_config
-from models.glm4v.loader import load_model
 from models.glm4v.processing.processor import MultimodalProcessor
 
 log = logging.getLogger(__name__)
@@ -46,17 +46,7 @@ def load_engine(config: DecoderServiceConfig) -> LoadedModel:
         engine = load_parallel_engine(config.engine, model_config, processor.tokenizer)
         return LoadedModel(engine, processor, model_config)
     device = resolve_device(load.device)
-    dtype = resolve_dtype(load.dtype, device)
-    model = load_model(
-        load.model_path,
-        dtype,
-        device,
-        load.load_format,
-        vision=False,
-        text=True,
-        seed=load.seed,
-        quantization=load.quantization,
-    )
+    model = load_text_model(load, device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     engine = LLMEngine(model, model_config, config.engine, tokenizer=processor.tokenizer)
@@ -64,7 +54,7 @@ def load_engine(config: DecoderServiceConfig) -> LoadedModel:
         "model loaded: %s on %s (%s), %d KV blocks, context %d",
         load.model_path,
         device,
-        dtype,
+        engine.runner.dtype,
         engine.kv.num_blocks,
         engine.max_model_len,
     )

@@ -26,13 +26,12 @@ What does not belong here: routing, the token permutation, the activation, the w
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.dispatch import triton_enabled
 from kernels.quant_fp8 import FP8_DTYPE, quant_fp8_per_token, quant_fp8_per_token_reference
-
-_PROBED: dict[tuple[str, int | None, torch.dtype], bool] = {}
-_PROBED_SCALED: dict[tuple[str, int | None, torch.dtype], bool] = {}
 
 
 def grouped_mm(
@@ -68,10 +67,7 @@ def fused_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
         return False
     if not x.is_cuda or not _cuda_aligned(x, w):
         return False
-    key = (x.device.type, x.device.index, x.dtype)
-    if key not in _PROBED:
-        _PROBED[key] = _probe(x.device, x.dtype)
-    return _PROBED[key]
+    return _probe(x.device, x.dtype)
 
 
 def _cuda_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -82,6 +78,7 @@ def _cuda_aligned(x: torch.Tensor, w: torch.Tensor) -> bool:
     return dims_ok and ptrs_ok and w.stride(-1) == 1 and w.stride(-2) == w.shape[-1]
 
 
+@functools.cache  # once per device and dtype
 def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     """Run a tiny aligned problem once; a build without a kernel for it raises."""
     # NOTE: this synchronises the device; the first forward (warm-up, before any CUDA graph
@@ -148,12 +145,10 @@ def scaled_fused_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
     # FP8 rows of K and N bytes must be 16-byte aligned; the codes are stacked contiguously
     if x.shape[1] % 16 or w.shape[1] % 16 or not w.is_contiguous():
         return False
-    key = (x.device.type, x.device.index, x.dtype)
-    if key not in _PROBED_SCALED:
-        _PROBED_SCALED[key] = _probe_scaled(x.device, x.dtype)
-    return _PROBED_SCALED[key]
+    return _probe_scaled(x.device, x.dtype)
 
 
+@functools.cache  # once per device and dtype
 def _probe_scaled(device: torch.device, dtype: torch.dtype) -> bool:
     """Run a tiny problem with uneven groups once; a GPU or build without the kernel raises."""
     # NOTE: synchronises the device, once, during the warm-up forward (before graph capture).

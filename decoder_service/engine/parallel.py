@@ -33,7 +33,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
-from decoder_service.engine.cli_args import resolve_dtype
 from decoder_service.engine.config import EngineConfig, LoadConfig, ParallelConfig
 from decoder_service.engine.model_runner import ModelRunner, RunnerOutput
 from decoder_service.engine.request import MediaRef
@@ -47,13 +46,13 @@ from decoder_service.engine.workers import (
     StepMessage,
     WorkerSpec,
     join_group,
+    load_text_model,
     min_over_ranks,
     rank_device,
     worker_main,
 )
 from models.distributed import destroy_distributed
 from models.glm4v.config import ModelConfig
-from models.glm4v.loader import load_model
 
 if TYPE_CHECKING:
     from decoder_service.engine.engine import LLMEngine
@@ -276,16 +275,7 @@ def load_parallel_engine(
     workers = start_workers(load, config.parallel, config.cache.block_size)
     try:
         device = rank_device(load, 0)
-        model = load_model(
-            load.model_path,
-            resolve_dtype(load.dtype, device),
-            device,
-            load.load_format,
-            vision=False,
-            text=True,
-            seed=load.seed,
-            quantization=load.quantization,
-        )
+        model = load_text_model(load, device)
         return LLMEngine(model, model_config, config, tokenizer, workers=workers)
     except BaseException:
         workers.close()

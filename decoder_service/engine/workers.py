@@ -100,6 +100,21 @@ def rank_device(load: LoadConfig, rank: int) -> torch.device:
     return torch.device("cuda", rank)
 
 
+def load_text_model(load: LoadConfig, device: torch.device) -> torch.nn.Module:
+    """The decoder's model as ``load`` describes it, on ``device``: text side only (encoders
+    run the vision tower)."""
+    return load_model(
+        load.model_path,
+        resolve_dtype(load.dtype, device),
+        device,
+        load.load_format,
+        vision=False,
+        text=True,
+        seed=load.seed,
+        quantization=load.quantization,
+    )
+
+
 def join_group(spec: WorkerSpec, rank: int) -> RankGroups:
     """Rendezvous through MASTER_ADDR/MASTER_PORT and set up the model's parallel state."""
     device = rank_device(spec.load, rank)
@@ -175,17 +190,7 @@ def worker_main(index: int, spec: WorkerSpec) -> None:
 def _serve(spec: WorkerSpec, rank: int, groups: RankGroups) -> None:
     load = spec.load
     device = rank_device(load, rank)
-    dtype = resolve_dtype(load.dtype, device)
-    model = load_model(
-        load.model_path,
-        dtype,
-        device,
-        load.load_format,
-        vision=False,
-        text=True,
-        seed=load.seed,
-        quantization=load.quantization,
-    )
+    model = load_text_model(load, device)
     media = MediaStore()
     runner = ModelRunner(model, spec.block_size, media.get)
     hidden_size = model.config.text.hidden_size

@@ -27,6 +27,7 @@ the activation quantisation kernels (kernels/quant_fp8.py), the grouped GEMM (ke
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 from typing import NamedTuple
 
@@ -51,7 +52,6 @@ from models.layers.linear import (
 )
 
 MIN_CAPABILITY = (8, 9)  # Ada / Hopper and newer have FP8 tensor cores
-_PROBED: dict[tuple[str, int | None, torch.dtype], bool] = {}
 
 
 class Fp8Weight(NamedTuple):
@@ -112,12 +112,10 @@ def scaled_mm_supported(x: torch.Tensor, q: torch.Tensor) -> bool:
         return False
     if x.shape[-1] % 16 or q.shape[0] % 16 or q.stride(-1) != 1:
         return False
-    key = (x.device.type, x.device.index, x.dtype)
-    if key not in _PROBED:
-        _PROBED[key] = _probe_scaled_mm(x.device, x.dtype)
-    return _PROBED[key]
+    return _probe_scaled_mm(x.device, x.dtype)
 
 
+@functools.cache  # once per device and dtype
 def _probe_scaled_mm(device: torch.device, dtype: torch.dtype) -> bool:
     """Run a tiny problem once; a build or GPU without a row-wise FP8 kernel raises."""
     # NOTE: synchronises the device; the first forward (warm-up, before any CUDA graph
@@ -219,20 +217,7 @@ class Fp8MoEMethod:
         rows = moe.hidden_size if shard_id == "w2" else moe.intermediate_size
         loaded = loaded.reshape(-1, 1) if loaded.dim() == 1 else loaded
         check_shape(loaded, (rows, 1))
-        if not 0 <= expert < moe.num_experts:
-            raise ValueError(f"expert {expert} outside 0..{moe.num_experts - 1}")
-        local = expert - moe.expert_start
-        if not 0 <= local < moe.num_local_experts:
-            return  # another rank owns this expert
-        i = moe.local_intermediate
-        start = 0 if moe.expert_parallel else moe.rank * i
-        if shard_id == "w2":
-            param.data[local].copy_(loaded)
-        elif shard_id in ("w1", "w3"):
-            offset = 0 if shard_id == "w1" else i
-            param.data[local].narrow(0, offset, i).copy_(loaded.narrow(0, start, i))
-        else:
-            raise ValueError(f"unknown expert shard {shard_id!r}")
+        moe.place_expert(param, loaded, shard_id, expert, slice_down=False)
 
 
 def convert_to_fp8(module: nn.Module) -> None:

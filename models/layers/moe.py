@@ -126,6 +126,17 @@ class FusedMoE(nn.Module):
         inter, hidden = self.intermediate_size, self.hidden_size
         expected = (hidden, inter) if shard_id == "w2" else (inter, hidden)
         check_shape(loaded, expected)
+        self.place_expert(param, loaded, shard_id, expert_id, slice_down=True)
+
+    def place_expert(
+        self,
+        param: torch.Tensor,  # [E_local, rows, cols]
+        loaded: torch.Tensor,  # one checkpoint expert's tensor, shape already checked
+        shard_id: str,
+        expert_id: int,
+        slice_down: bool,  # the down projection's columns are this rank's slice (weights only)
+    ) -> None:
+        """Copy into this rank's slot: gate/up rows sliced by TP, stacked gate then up."""
         if not 0 <= expert_id < self.num_experts:
             raise ValueError(f"expert {expert_id} outside 0..{self.num_experts - 1}")
         local = expert_id - self.expert_start
@@ -134,7 +145,7 @@ class FusedMoE(nn.Module):
         i = self.local_intermediate
         start = 0 if self.expert_parallel else self.rank * i
         if shard_id == "w2":
-            param.data[local].copy_(loaded.narrow(1, start, i))
+            param.data[local].copy_(loaded.narrow(1, start, i) if slice_down else loaded)
         elif shard_id in ("w1", "w3"):
             offset = 0 if shard_id == "w1" else i
             param.data[local].narrow(0, offset, i).copy_(loaded.narrow(0, start, i))

@@ -10,19 +10,14 @@ masking, clamping). Random bf16 inputs at GLM-4.5V widths run on the GPU.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from triton_interpreter import CAN_RUN, DEVICE, INTERPRETED, interpreter_test, kernel_case
 
 pytest.importorskip("triton")
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-CAN_RUN = torch.cuda.is_available() or INTERPRETED
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-kernel_case = pytest.mark.skipif(not CAN_RUN, reason="run by test_cases_pass_under_the_interpreter")
+
+test_cases_pass_under_the_interpreter = interpreter_test(__file__)
 
 if CAN_RUN:
     from kernels import quant_fp8 as kernel
@@ -32,15 +27,6 @@ FP8 = torch.float8_e4m3fn
 
 def _fp8_supported() -> bool:
     return INTERPRETED or torch.cuda.get_device_capability() >= (8, 9)
-
-
-@pytest.mark.skipif(CAN_RUN, reason="the cases run directly here")
-def test_cases_pass_under_the_interpreter() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert " passed" in done.stdout and " failed" not in done.stdout
 
 
 def _exact_case(t: int, k: int, block: int, dtype, seed: int):
