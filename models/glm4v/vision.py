@@ -102,6 +102,12 @@ class VisionAttention(nn.Module):
                 max_seqlen_q=segments.max_len, max_seqlen_k=segments.max_len,
                 softmax_scale=self.scale, causal=False,
             )  # fmt: skip
+        elif segments.padded:
+            qh, kh, vh = (t[segments.index].transpose(1, 2) for t in (q, k, v))  # [S, H, L, D]
+            o = F.scaled_dot_product_attention(
+                qh, kh, vh, attn_mask=segments.mask, scale=self.scale
+            )
+            out = o.transpose(1, 2)[segments.valid]  # segments in order: the packed layout
         else:
             out = torch.empty_like(q)
             for s, e in segments.bounds:
@@ -153,15 +159,26 @@ class PatchMerger(nn.Module):
 
 
 class _Segments:
-    """Attention segments of a packed batch: host bounds for SDPA, device offsets for flash."""
+    """Attention segments of a packed batch: host bounds for SDPA, device offsets for flash, and
+    (``padded``) a gather plan that lays every segment in a row of one padded batch, so a single
+    masked SDPA call attends them all (many small segments; training)."""
 
-    def __init__(self, lengths: list[int], device: torch.device) -> None:
+    def __init__(self, lengths: list[int], device: torch.device, padded: bool = False) -> None:
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
         self.bounds = list(zip(starts[:-1], starts[1:], strict=True))
         self.max_len = max(lengths) if lengths else 0
         self.cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=device)
+        self.padded = padded and len(lengths) > 1
+        if self.padded:
+            n = torch.tensor(lengths, device=device)
+            slot = torch.arange(self.max_len, device=device)
+            self.valid = slot[None, :] < n[:, None]  # [S, L]
+            # rows past a segment's end read its first patch; their outputs are dropped
+            offset = torch.where(self.valid, slot[None, :], 0)
+            self.index = self.cu_seqlens[:-1, None].long() + offset  # [S, L]
+            self.mask = self.valid[:, None, None, :]  # [S, 1, 1, L] keys that exist
 
 
 class VisionTower(nn.Module):
@@ -178,6 +195,9 @@ class VisionTower(nn.Module):
             cfg.hidden_size, cfg.out_hidden_size, kernel_size=self.merge, stride=self.merge
         )
         self.merger = PatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
+        # one masked SDPA call over all segments padded to the longest (without flash-attn):
+        # faster for many small images, as in training; the default loops over segments
+        self.padded_attention = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -200,9 +220,10 @@ class VisionTower(nn.Module):
             )
         device = pixel_values.device
         h_pos, w_pos, grid_h, grid_w = self._patch_positions(grids, device)
-        segments = _Segments([h * w for t, h, w in grids for _ in range(t)], device)
+        lengths = [h * w for t, h, w in grids for _ in range(t)]
 
         x = self.patch_embed(pixel_values)
+        segments = _Segments(lengths, device, padded=self.padded_attention and not _use_flash(x))
         x = self.post_conv_layernorm(x)
         x = x + self.embeddings(h_pos, w_pos, grid_h, grid_w).to(x.device)
         cos, sin = self._rope(h_pos, w_pos)
@@ -220,19 +241,21 @@ class VisionTower(nn.Module):
     def _patch_positions(
         self, grids: list[tuple[int, int, int]], device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row/column of every patch in merge-block order, and its image's grid size."""
+        """Row/column of every patch in merge-block order, and its image's grid size.
+
+        Built on the host and moved in one copy: per-item device ops would be many tiny kernels.
+        """
         m = self.merge
         hs, ws, gh, gw = [], [], [], []
         for t, h, w in grids:
-            rows = torch.arange(h, device=device).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
-            cols = torch.arange(w, device=device).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
-            rows = rows.transpose(1, 2).reshape(-1).repeat(t)
-            cols = cols.transpose(1, 2).reshape(-1).repeat(t)
-            hs.append(rows)
-            ws.append(cols)
-            gh.append(torch.full((t * h * w,), float(h), device=device))
-            gw.append(torch.full((t * h * w,), float(w), device=device))
-        return torch.cat(hs), torch.cat(ws), torch.cat(gh), torch.cat(gw)
+            rows = torch.arange(h).view(h // m, m, 1, 1).expand(h // m, m, w // m, m)
+            cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, w // m, m)
+            hs.append(rows.transpose(1, 2).reshape(-1).repeat(t))
+            ws.append(cols.transpose(1, 2).reshape(-1).repeat(t))
+            gh.append(torch.full((t * h * w,), h))
+            gw.append(torch.full((t * h * w,), w))
+        packed = torch.stack([torch.cat(v) for v in (hs, ws, gh, gw)]).to(device)
+        return packed[0], packed[1], packed[2].float(), packed[3].float()
 
     def _rope(self, h_pos: torch.Tensor, w_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # built here in float32, not kept as a buffer that a .to(bfloat16) would round

@@ -144,3 +144,73 @@ def test_bad_input_exits_with_status_2(tiny_ckpt_45, tmp_path, capsys, extra, me
     )
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def _generate_json(ckpt, *extra: str, capsys) -> tuple[int, list[dict], str]:
+    base = ["generate", "--model-path", str(ckpt), "--max-tokens", "5", "--temperature", "0"]
+    base += ["--dtype", "float32", "--device", "cpu", "--num-blocks", "64"]
+    rc = main([*base, "--output-format", "json", *extra])
+    out = capsys.readouterr()
+    return rc, [json.loads(line) for line in out.out.splitlines() if line.strip()], out.err
+
+
+def test_requests_file_answers_each_request_as_it_would_alone(tiny_ckpt_45, tmp_path, capsys):
+    pictures = []
+    for seed in (4, 5):
+        pictures.append(tmp_path / f"p{seed}.png")
+        draw_image(90 + 10 * seed, 70, seed=seed).save(pictures[-1])
+    clip = write_video(tmp_path / "clip.mp4", frames=8, fps=4)
+    requests = [
+        {"id": "first", "prompt": "What is in the picture?", "images": [str(pictures[0])]},
+        {"prompt": "Just text, no media."},
+        {"id": "clip", "prompt": "Describe the clip.", "videos": [str(clip)]},
+        {"id": "two", "prompt": "Compare them.", "images": [str(p) for p in pictures]},
+    ]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in requests) + "\n\n")
+    rc, batched, err = _generate_json(tiny_ckpt_45, "--requests", str(path), capsys=capsys)
+    assert rc == 0, err
+    assert [b["id"] for b in batched] == ["first", "1", "clip", "two"]
+    for request, got in zip(requests, batched, strict=True):
+        flags = ["--prompt", request["prompt"]]
+        flags += [f for p in request.get("images", []) for f in ("--image", p)]
+        flags += [f for p in request.get("videos", []) for f in ("--video", p)]
+        rc, (alone,), err = _generate_json(tiny_ckpt_45, *flags, capsys=capsys)
+        assert rc == 0, err
+        assert got["prompt_token_ids"] == alone["prompt_token_ids"]
+        assert got["token_ids"] == alone["token_ids"]
+        assert got["text"] == alone["text"]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"prompt": "ok"}', "not json"], "requests.jsonl:2: not JSON"),
+        (['{"prompt": 3}'], 'string "prompt"'),
+        (['{"prompt": "a", "images": "one.png"}'], '"images" must be a list'),
+        (['{"prompt": "a", "image": ["one.png"]}'], "unknown keys ['image']"),
+        (['{"id": "x", "prompt": "a"}', '{"id": "x", "prompt": "b"}'], "duplicate id 'x'"),
+        (["", "  "], "no requests"),
+        (
+            ['{"prompt": "a"}', '{"id": "b", "prompt": "b", "images": ["/nonexistent/q.png"]}'],
+            "request 'b': ",
+        ),
+    ],
+)
+def test_bad_requests_file_exits_with_status_2(tiny_ckpt_45, tmp_path, capsys, lines, message):
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    rc, out, err = _generate_json(tiny_ckpt_45, "--requests", str(path), capsys=capsys)
+    assert rc == 2 and not out
+    assert message in err
+
+
+def test_requests_file_excludes_the_single_prompt_flags(tiny_ckpt_45, tmp_path, capsys):
+    path = tmp_path / "requests.jsonl"
+    path.write_text('{"prompt": "a"}\n')
+    rc, _, err = _generate_json(
+        tiny_ckpt_45, "--requests", str(path), "--prompt", "b", capsys=capsys
+    )
+    assert rc == 2 and "--requests replaces --prompt" in err
+    rc, _, err = _generate_json(tiny_ckpt_45, capsys=capsys)
+    assert rc == 2 and "--prompt" in err

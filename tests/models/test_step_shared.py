@@ -99,7 +99,8 @@ def test_layers_of_one_step_share_one_decode_plan_and_stay_exact() -> None:
         alone = layer(q, k, v, _meta(lens_k, seed=3)).view(-1, HQ, D)  # fresh metadata
         assert torch.equal(got, alone)
         want = _reference(layer.kv_cache, q, meta)
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-4)
+        # values are ~1e2 (the cache is 1e2 * randn): float32 rounding is ~1e-5 of that
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
     assert plans[0] is not None and all(p is plans[0] for p in plans)
     # the next step's metadata (longer contexts) gets its own plan
     longer = _meta([n + 1 for n in lens_k], seed=3)

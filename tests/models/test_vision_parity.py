@@ -97,6 +97,35 @@ def test_images_in_one_batch_do_not_see_each_other(towers, processor):
     assert _close(together[: a.num_tokens], alone) < 1e-5
 
 
+def test_padded_attention_equals_per_segment_attention_with_gradients(towers, processor):
+    """The training path (one masked SDPA over padded segments) computes what the per-segment
+    loop does, forward and backward, for images and a video's frame groups mixed in one batch."""
+    _, ours = towers
+    rng = np.random.default_rng(2)
+    items = [
+        processor.preprocess_image(_image(h, w, i))
+        for i, (h, w) in enumerate([(60, 90), (200, 140)])
+    ]
+    frames = [rng.integers(0, 256, (84, 112, 3), dtype=np.uint8) for _ in range(4)]
+    items.append(processor.preprocess_video(frames, list(range(4)), fps=2.0))
+    pixels = torch.cat([it.pixel_values for it in items])
+    grid = torch.tensor([it.grid_thw for it in items])
+    results = []
+    for padded in (False, True):
+        ours.zero_grad()
+        ours.padded_attention = padded
+        try:
+            out = ours(pixels, grid)
+        finally:
+            ours.padded_attention = False
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        results.append((out.detach(), ours.blocks[0].attn.qkv.weight.grad.clone()))
+    (loop_out, loop_grad), (pad_out, pad_grad) = results
+    assert _close(pad_out, loop_out) < 1e-5
+    assert _close(pad_grad, loop_grad) < 1e-4
+    ours.zero_grad()
+
+
 def test_patch_count_mismatch_is_refused(towers):
     _, ours = towers
     with pytest.raises(ValueError, match="patches"):

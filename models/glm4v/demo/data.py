@@ -128,8 +128,11 @@ class SceneStream(IterableDataset):
     """Yields whole collated batches. A batch is all images or all videos: transformers finds
     video frames by the image token too, so it cannot tell them apart inside one batch."""
 
-    def __init__(self, model_dir: Path, seed: int, batch_size: int) -> None:
+    def __init__(
+        self, model_dir: Path, seed: int, batch_size: int, video_share: float = 0.2
+    ) -> None:
         self.model_dir, self.seed, self.batch_size = model_dir, seed, batch_size
+        self.video_share = video_share  # the chance that a batch is videos
 
     def __iter__(self):
         from transformers import AutoProcessor
@@ -142,7 +145,7 @@ class SceneStream(IterableDataset):
         pad = processor.tokenizer.pad_token_id
         image_kinds = [k for k in scenes.KINDS if k != "motion"]
         while True:
-            video = rng.random() < 0.2
+            video = rng.random() < self.video_share
             items = []
             for _ in range(self.batch_size):
                 kind = "motion" if video else rng.choice(image_kinds)
@@ -151,25 +154,14 @@ class SceneStream(IterableDataset):
             yield collate(items, pad)
 
 
-def batches(args: argparse.Namespace, out: Path):
-    """The vision-only steps' batches (``--vision-batch-size``: those steps are cheap, so they
-    can see many more pictures), then the full model's, as one stream."""
-
-    def stream(batch_size: int, seed: int) -> DataLoader:
-        return DataLoader(
-            SceneStream(out, seed, batch_size),
-            batch_size=None,
-            num_workers=args.workers,
-            prefetch_factor=4 if args.workers else None,
-        )
-
-    if args.vision_steps:
-        vision = stream(args.vision_batch_size or args.batch_size, args.seed + 1)
-        for step, batch in enumerate(vision):
-            if step >= args.vision_steps:
-                break
-            yield batch
-    yield from stream(args.batch_size, args.seed)
+def batches(args: argparse.Namespace, out: Path) -> DataLoader:
+    """The full model's batches (the vision stage has its own stream, seed + 1)."""
+    return DataLoader(
+        SceneStream(out, args.seed, args.batch_size),
+        batch_size=None,
+        num_workers=args.workers,
+        prefetch_factor=4 if args.workers else None,
+    )
 
 
 def collate(items: list[dict], pad_id: int) -> dict:

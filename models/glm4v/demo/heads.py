@@ -28,13 +28,8 @@ class AuxHeads(torch.nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         # feats [N_tokens, H] merger output; grid [B, 3] one row per item; aux [B, 6]
         f = torch.nn.functional
-        sizes = (grid.prod(-1) // 4).tolist()
-        pooled, motion_in = [], []
-        for item, t in zip(feats.float().split(sizes), grid[:, 0].tolist(), strict=True):
-            pooled.append(item.mean(0))
-            groups = item.view(t, -1, item.shape[-1]).mean(1)  # [t, H]
-            motion_in.append(torch.cat([groups[0], groups[-1]]))
-        out = self.image(torch.stack(pooled))
+        pooled, motion_in = _pool(feats.float(), grid)
+        out = self.image(pooled)
         n_s, n_c = len(scenes.SHAPES), len(scenes.COLORS)
         lab = aux[:, :4].long()
         loss = f.cross_entropy(out[:, :n_s], lab[:, 0], ignore_index=-100)
@@ -55,10 +50,29 @@ class AuxHeads(torch.nn.Module):
             loss = loss + f.cross_entropy(per_token[:, : n_s + 1], tokens[:, 0], ignore_index=-100)
             loss = loss + f.cross_entropy(per_token[:, n_s + 1 :], tokens[:, 1], ignore_index=-100)
         if (lab[:, 3] >= 0).any():
-            motion = self.motion(torch.stack(motion_in))
+            motion = self.motion(motion_in)
             loss = loss + f.cross_entropy(motion, lab[:, 3])
             hits["motion"] = _hits(motion, lab[:, 3])
         return torch.nan_to_num(loss), hits
+
+
+def _pool(feats: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item: the mean of its merged tokens [B, H], and its first and last frame groups'
+    means side by side [B, 2H]; a fixed handful of ops whatever the batch size."""
+    sizes = grid.prod(-1) // 4  # merged tokens per item
+    per_group = sizes // grid[:, 0]
+    item = torch.repeat_interleave(torch.arange(len(sizes), device=feats.device), sizes)
+    start = torch.cumsum(sizes, 0) - sizes
+    pos = torch.arange(feats.shape[0], device=feats.device) - start[item]  # index in its item
+
+    def mean_over(rows: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        total = feats.new_zeros(len(sizes), feats.shape[1]).index_add_(0, item[rows], feats[rows])
+        return total / count[:, None].to(feats.dtype)
+
+    everything = torch.ones_like(pos, dtype=torch.bool)
+    first = mean_over(pos < per_group[item], per_group)
+    last = mean_over(pos >= (sizes - per_group)[item], per_group)
+    return mean_over(everything, sizes), torch.cat([first, last], dim=1)
 
 
 def _foreground(labels: torch.Tensor) -> torch.Tensor:

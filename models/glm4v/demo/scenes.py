@@ -57,13 +57,17 @@ class Placed:
     rot: float = 0.0  # radians, polygons only
 
 
-def _background(rng: random.Random, w: int, h: int, avoid: list[str]) -> Image.Image:
-    """A plain or noisy background that never matches a shape's colour."""
+def background_color(rng: random.Random, avoid: list[str]) -> tuple[int, int, int]:
+    """A mid-tone colour far from every colour in ``avoid``."""
     while True:
         base = tuple(rng.randint(60, 200) for _ in range(3))
         if all(sum(abs(a - b) for a, b in zip(base, COLORS[c], strict=True)) > 150 for c in avoid):
-            break
-    img = Image.new("RGB", (w, h), base)
+            return base
+
+
+def _background(rng: random.Random, w: int, h: int, avoid: list[str]) -> Image.Image:
+    """A plain or noisy background that never matches a shape's colour."""
+    img = Image.new("RGB", (w, h), background_color(rng, avoid))
     if rng.random() < 0.5:
         # drawn from ``rng`` (not Pillow's own generator) so a seed repeats the exact pixels
         gen = np.random.default_rng(rng.getrandbits(32))
@@ -125,14 +129,16 @@ def _canvas_size(rng: random.Random) -> tuple[int, int]:
 
 
 def _place(rng: random.Random, w: int, h: int, n: int) -> list[Placed]:
-    """n shapes that do not overlap, each at least ~1/8 of the short side across."""
+    """n shapes that do not overlap; a lone shape's radius is at least 1/6 of the short side,
+    one of several at least 1/8."""
     short = min(w, h)
     placed: list[Placed] = []
     tries = 0
     while len(placed) < n:
         tries += 1
         r_max = short / (3.2 if n == 1 else 2.2 + n)
-        r = rng.uniform(max(8.0, short / 8), max(9.0, r_max))
+        r_min = short / (6 if n == 1 else 8)
+        r = rng.uniform(max(8.0, r_min), max(9.0, r_max))
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
         if all(math.hypot(cx - q.cx, cy - q.cy) > r + q.r + 4 for q in placed):
             placed.append(Placed(rng.choice(SHAPES), rng.choice(list(COLORS)), cx, cy, r))

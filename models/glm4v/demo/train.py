@@ -24,9 +24,16 @@ import torch
 from safetensors.torch import save_file
 
 from models.glm4v import tiny
+from models.glm4v.config import load_model_config
 from models.glm4v.demo import scenes
 from models.glm4v.demo.data import batches, encode_example
 from models.glm4v.demo.heads import AuxHeads, answer_hits
+from models.glm4v.demo.vision_stage import (
+    HEAD_NAMES,
+    TransformersSlotTower,
+    ratio,
+    train_vision,
+)
 from models.glm4v.hf_names import export_weights
 from models.glm4v.tokenizer_build import write_tokenizer_files
 
@@ -116,11 +123,6 @@ def first_bad_grad(*modules: torch.nn.Module) -> str:
     return "?"
 
 
-def _ratio(v: torch.Tensor) -> float:
-    right, total = v.tolist()
-    return right / total if total else float("nan")
-
-
 def train(args: argparse.Namespace) -> dict:
     from transformers import AutoProcessor, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
 
@@ -139,11 +141,19 @@ def train(args: argparse.Namespace) -> dict:
         model = Glm4vMoeForConditionalGeneration(config).to(device=device, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params / 1e6:.2f}M", flush=True)
-    loader = batches(args, out)
     heads = AuxHeads(config.vision_config.out_hidden_size).to(device)
     heads_file = Path(args.resume or out) / "aux_heads.pt"
     if args.resume and heads_file.exists():
         heads.load_state_dict(torch.load(heads_file, map_location=device))
+    tower = model.model.visual.state_dict()
+    if args.vision_steps:
+        # Glimpse's own tower trains fast on its own; the weights load into transformers' by name
+        tower = train_vision(args, out, device, tower, heads)
+    # and it stands in for transformers' tower while the whole model trains (export and the
+    # held-out evaluation below use transformers' own)
+    model.model.visual = TransformersSlotTower(load_model_config(out).vision).to(device)
+    model.model.visual.load_state_dict(tower)
+    loader = batches(args, out)
     captured: list[torch.Tensor] = []
     model.model.visual.register_forward_hook(lambda _m, _i, out: captured.append(out.pooler_output))
     params = list(model.parameters()) + list(heads.parameters())
@@ -162,8 +172,7 @@ def train(args: argparse.Namespace) -> dict:
 
     model.train()
     steps_done, waited, t_wait, skipped = 0, 0.0, time.time(), 0
-    names = ("token_shape", "token_color", "shape", "color", "count", "motion")
-    aux_stats = {k: torch.zeros(2, device=device) for k in names}
+    aux_stats = {k: torch.zeros(2, device=device) for k in HEAD_NAMES}
     lm_stats = torch.zeros(len(scenes.KINDS), 2, device=device)
     for step, batch in enumerate(loader):
         waited += time.time() - t_wait
@@ -176,22 +185,14 @@ def train(args: argparse.Namespace) -> dict:
         aux, kind, tokens = batch.pop("aux"), batch.pop("kind"), batch.pop("token_labels")
         grid = batch.get("image_grid_thw", batch.get("video_grid_thw"))
         captured.clear()
-        vision_only = step < args.vision_steps
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            if vision_only:  # the tower and its heads alone: cheap steps that teach it to see
-                if "pixel_values" in batch:
-                    model.model.get_image_features(batch["pixel_values"], grid)
-                else:
-                    model.model.get_video_features(batch["pixel_values_videos"], grid)
-                lm_loss = torch.zeros((), device=device)
-            else:
-                result = model(**batch)
-                lm_loss = result.loss
-                lm_stats += answer_hits(result.logits.detach(), batch["labels"], kind)
+            result = model(**batch)
+            lm_loss = result.loss
+            lm_stats += answer_hits(result.logits.detach(), batch["labels"], kind)
             aux_loss, hits = heads.loss(captured[0], grid, aux, tokens)
         for key, h in hits.items():
             aux_stats[key] += h
-        loss = lm_loss + (1.0 if vision_only else args.aux_weight) * aux_loss
+        loss = lm_loss + args.aux_weight * aux_loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         if torch.isfinite(grad_norm):
@@ -201,12 +202,11 @@ def train(args: argparse.Namespace) -> dict:
             if skipped == 1:
                 print(f"step {step}: non-finite gradient in {first_bad_grad(model, heads)}")
         opt.zero_grad(set_to_none=True)
-        if not vision_only:
-            avg = lm_loss.item() if avg is None else 0.98 * avg + 0.02 * lm_loss.item()
+        avg = lm_loss.item() if avg is None else 0.98 * avg + 0.02 * lm_loss.item()
         if step % args.log_every == 0 or step == args.steps - 1:
-            vis = " ".join(f"{k} {_ratio(v):.2f}" for k, v in aux_stats.items())
+            vis = " ".join(f"{k} {ratio(v):.2f}" for k, v in aux_stats.items())
             lm = " ".join(
-                f"{k} {_ratio(v):.2f}" for k, v in zip(scenes.KINDS, lm_stats, strict=True)
+                f"{k} {ratio(v):.2f}" for k, v in zip(scenes.KINDS, lm_stats, strict=True)
             )
             print(
                 f"step {step:5d} loss {avg or 0.0:.4f} lr {lr_at(step):.2e}"
@@ -222,11 +222,15 @@ def train(args: argparse.Namespace) -> dict:
     save_file(export_weights(model), str(out / "model.safetensors"), {"format": "pt"})
     if args.save_aux_heads:  # only to resume training; never part of the shipped checkpoint
         torch.save(heads.state_dict(), out / "aux_heads.pt")
-    acc = evaluate(model, processor, device, seed=args.eval_seed, per_kind=args.eval_per_kind)
+    # judge what ships: the exported (bf16) weights as transformers loads them, not the fp32 copy
+    del model
+    shipped = Glm4vMoeForConditionalGeneration.from_pretrained(out, dtype=torch.float32).to(device)
+    acc = evaluate(shipped, processor, device, seed=args.eval_seed, per_kind=args.eval_per_kind)
     report = {
         "steps": steps_done,
         "batch_size": args.batch_size,
         "train_seconds": round(elapsed),
+        "steps_per_second": round(steps_done / max(elapsed, 1e-9), 2),
         "data_wait_seconds": round(waited),
         "skipped_steps": skipped,
         "device": str(device),
@@ -248,7 +252,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument(
-        "--vision-steps", type=int, default=0, help="first steps train only the vision tower"
+        "--vision-steps", type=int, default=0, help="vision-tower-only steps before the LM stage"
+    )
+    p.add_argument("--vision-lr", type=float, default=2e-3)
+    p.add_argument(
+        "--vision-data",
+        choices=("gpu", "cpu"),
+        default="gpu" if torch.cuda.is_available() else "cpu",
+        help="vision stage pictures: drawn on the device in batches, or by the CPU workers",
+    )
+    p.add_argument(
+        "--vision-time-budget-s", type=float, default=0.0, help="end the vision stage after this"
     )
     p.add_argument("--aux-weight", type=float, default=0.5, help="auxiliary vision-head loss")
     p.add_argument("--time-budget-s", type=float, default=0.0, help="stop after this long")

@@ -25,7 +25,6 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import av
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -40,7 +39,17 @@ VIDEO_CONTAINERS = "MP4/MOV, WebM/Matroska, AVI"
 
 # What Pillow raises on malformed data while decoding (it has no single base class for this).
 _PIL_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
-_AV_ERRORS = (av.FFmpegError, OSError, ValueError, EOFError)
+
+
+def _av():
+    """PyAV, imported when a video is first decoded: image-only callers never need it."""
+    import av
+
+    return av
+
+
+def _av_errors() -> tuple[type[BaseException], ...]:
+    return (_av().FFmpegError, OSError, ValueError, EOFError)
 
 
 @dataclass(frozen=True)
@@ -102,8 +111,8 @@ def decode_video(
     if fmt is None:
         raise VideoDecodeError(f"unsupported video container (allowed: {VIDEO_CONTAINERS})")
     try:
-        container = av.open(io.BytesIO(data), mode="r", format=fmt)
-    except _AV_ERRORS as exc:
+        container = _av().open(io.BytesIO(data), mode="r", format=fmt)
+    except _av_errors() as exc:
         raise VideoDecodeError("data is not a decodable video container") from exc
     with container:
         if not container.streams.video:
@@ -161,7 +170,7 @@ def _count_packets(container, stream, cap: int) -> int:
                 if count > cap:
                     break
         container.seek(0)
-    except _AV_ERRORS as exc:
+    except _av_errors() as exc:
         raise VideoDecodeError("video data is corrupt or truncated") from exc
     return count
 
@@ -179,7 +188,7 @@ def _decode_picked(container, stream, indices: list[int], meta: VideoMeta, limit
                 picked[i] = frame.to_ndarray(format="rgb24")
             if i >= last_needed:
                 break
-    except _AV_ERRORS as exc:
+    except _av_errors() as exc:
         raise VideoDecodeError("video data is corrupt or truncated") from exc
     if decoded == 0:
         raise VideoDecodeError("video has no decodable frames")
