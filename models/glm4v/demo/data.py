@@ -129,10 +129,17 @@ class SceneStream(IterableDataset):
     video frames by the image token too, so it cannot tell them apart inside one batch."""
 
     def __init__(
-        self, model_dir: Path, seed: int, batch_size: int, video_share: float = 0.2
+        self,
+        model_dir: Path,
+        seed: int,
+        batch_size: int,
+        video_share: float = 0.2,
+        image_kinds: tuple[str, ...] = (),
     ) -> None:
         self.model_dir, self.seed, self.batch_size = model_dir, seed, batch_size
         self.video_share = video_share  # the chance that a batch is videos
+        # question kinds of picture batches, drawn uniformly (repeat a kind to weight it)
+        self.image_kinds = image_kinds or tuple(k for k in scenes.KINDS if k != "motion")
 
     def __iter__(self):
         from transformers import AutoProcessor
@@ -143,12 +150,11 @@ class SceneStream(IterableDataset):
         processor = AutoProcessor.from_pretrained(self.model_dir)
         rng = random.Random(self.seed * 1000 + wid)
         pad = processor.tokenizer.pad_token_id
-        image_kinds = [k for k in scenes.KINDS if k != "motion"]
         while True:
             video = rng.random() < self.video_share
             items = []
             for _ in range(self.batch_size):
-                kind = "motion" if video else rng.choice(image_kinds)
+                kind = "motion" if video else rng.choice(self.image_kinds)
                 ex = scenes.make_example(rng, kind)
                 items.append(encode_example(processor, ex, thinking=rng.random() < 0.5))
             yield collate(items, pad)
@@ -157,7 +163,7 @@ class SceneStream(IterableDataset):
 def batches(args: argparse.Namespace, out: Path) -> DataLoader:
     """The full model's batches (the vision stage has its own stream, seed + 1)."""
     return DataLoader(
-        SceneStream(out, args.seed, args.batch_size),
+        SceneStream(out, args.seed, args.batch_size, args.video_share, tuple(args.image_kinds)),
         batch_size=None,
         num_workers=args.workers,
         prefetch_factor=4 if args.workers else None,

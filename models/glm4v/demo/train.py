@@ -250,6 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         "--vision-batch-size", type=int, default=0, help="batch of the vision-only steps (0: same)"
     )
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--video-share", type=float, default=0.2, help="share of video batches")
+    p.add_argument(
+        "--image-kinds",
+        nargs="+",
+        default=[],
+        choices=[k for k in scenes.KINDS if k != "motion"],
+        help="question kinds of picture batches (repeat one to weight it; default: all, evenly)",
+    )
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument(
         "--vision-steps", type=int, default=0, help="vision-tower-only steps before the LM stage"

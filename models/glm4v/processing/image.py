@@ -108,8 +108,8 @@ def resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def normalize(frames: torch.Tensor, limits: ImageLimits) -> torch.Tensor:
     """uint8 [F, C, H, W] -> float32, rescale and mean/std folded into one step as the reference."""
     scale = 1.0 / limits.rescale_factor
-    mean = (torch.tensor(limits.image_mean) * scale).view(-1, 1, 1)
-    std = (torch.tensor(limits.image_std) * scale).view(-1, 1, 1)
+    mean = (torch.tensor(limits.image_mean, device=frames.device) * scale).view(-1, 1, 1)
+    std = (torch.tensor(limits.image_std, device=frames.device) * scale).view(-1, 1, 1)
     return frames.to(torch.float32).sub_(mean).div_(std)
 
 
