@@ -206,12 +206,13 @@ def _run(args: argparse.Namespace) -> int:
             model, model_config, config, tokenizer=processor.tokenizer, workers=workers
         )
         if args.requests is None:  # --batch-size copies of the one prompt
-            submissions = [(str(i), prepared["0"], i) for i in range(args.batch_size)]
+            submissions = [(str(i), requests[0], i) for i in range(args.batch_size)]
         else:
-            submissions = [(r.id, prepared[r.id], 0) for r in requests]
-        for (engine_id, inp, i), r in zip(submissions, requests * args.batch_size, strict=True):
+            submissions = [(r.id, r, 0) for r in requests]
+        for engine_id, r, i in submissions:
             # with a seed, every copy of one prompt draws its own (reproducible) sample
             p = params if params.seed is None else replace(params, seed=params.seed + i)
+            inp = prepared[r.id]
             with _naming(r, len(requests)):
                 engine.add_request(
                     engine_id, inp.prompt_token_ids, p, inp.mm_items, inp.positions, inp.rope_delta

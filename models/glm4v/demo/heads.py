@@ -13,6 +13,15 @@ import torch
 
 from models.glm4v.demo import scenes
 
+# the (right, total) counters ``AuxHeads.loss`` returns, by name
+HEAD_NAMES = ("token_shape", "token_color", "shape", "color", "count", "motion")
+
+
+def ratio(v: torch.Tensor) -> float:
+    """right / total of one counter (nan when nothing was counted)."""
+    right, total = v.tolist()
+    return right / total if total else float("nan")
+
 
 class AuxHeads(torch.nn.Module):
     """Training-only heads on the merger output; never saved with the checkpoint."""
@@ -69,10 +78,10 @@ def _pool(feats: torch.Tensor, grid: torch.Tensor) -> tuple[torch.Tensor, torch.
         total = feats.new_zeros(len(sizes), feats.shape[1]).index_add_(0, item[rows], feats[rows])
         return total / count[:, None].to(feats.dtype)
 
-    everything = torch.ones_like(pos, dtype=torch.bool)
+    pooled = feats.new_zeros(len(sizes), feats.shape[1]).index_add_(0, item, feats)
     first = mean_over(pos < per_group[item], per_group)
     last = mean_over(pos >= (sizes - per_group)[item], per_group)
-    return mean_over(everything, sizes), torch.cat([first, last], dim=1)
+    return pooled / sizes[:, None].to(feats.dtype), torch.cat([first, last], dim=1)
 
 
 def _foreground(labels: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,8 @@ from models.glm4v import tiny
 from models.glm4v.config import load_model_config
 from models.glm4v.demo import scenes
 from models.glm4v.demo.data import batches, encode_example
-from models.glm4v.demo.heads import AuxHeads, answer_hits
-from models.glm4v.demo.vision_stage import (
-    HEAD_NAMES,
-    TransformersSlotTower,
-    ratio,
-    train_vision,
-)
+from models.glm4v.demo.heads import HEAD_NAMES, AuxHeads, answer_hits, ratio
+from models.glm4v.demo.vision_stage import TransformersSlotTower, train_vision
 from models.glm4v.hf_names import export_weights
 from models.glm4v.tokenizer_build import write_tokenizer_files
 

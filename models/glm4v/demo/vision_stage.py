@@ -2,12 +2,13 @@
 
 Contract: ``train_vision(args, out, device, init, heads)`` trains Glimpse's own ``VisionTower``
 (the same module and parameter names the server runs; one padded SDPA call per layer instead of
-one per image) with the training-only heads of ``heads.py`` on ``--vision-steps`` batches of
-``--vision-batch-size`` scenes (``--vision-data gpu``: pictures drawn on the GPU by
-``render.py``, videos by the CPU workers; ``cpu``: everything through the CPU pipeline) (or for ``--vision-time-budget-s``), from the given weights,
-and returns the tower's state dict, whose names are the checkpoint's after ``model.visual.``
-(so it loads into transformers' ``model.visual`` as is); the heads train in place and go on
-training with the language model.
+one per image), starting from the tower weights ``init``, with the training-only heads of
+``heads.py`` (trained in place), for ``--vision-steps`` batches of ``--vision-batch-size``
+scenes or ``--vision-time-budget-s``, whichever ends first. ``--vision-data gpu`` draws the
+pictures on the device with ``render.py`` and the videos with the CPU workers; ``cpu`` draws
+everything with the CPU workers. It returns the tower's state dict, whose names are the
+checkpoint's after ``model.visual.`` (so it loads into transformers' ``model.visual`` as is).
+``TransformersSlotTower`` is the same tower in transformers' ``model.visual`` slot.
 Not here: the language-model stage and export (``train.py``), data (``data.py``).
 """
 
@@ -25,17 +26,11 @@ import torch
 from models.glm4v.config import VisionConfig, load_model_config
 from models.glm4v.demo import render
 from models.glm4v.demo.data import SceneStream
-from models.glm4v.demo.heads import AuxHeads
+from models.glm4v.demo.heads import HEAD_NAMES, AuxHeads, ratio
 from models.glm4v.processing.processor import MultimodalProcessor
 from models.glm4v.vision import VisionTower
 
 VIDEO_EVERY = 5  # GPU pipeline: every fifth batch is CPU-drawn videos
-HEAD_NAMES = ("token_shape", "token_color", "shape", "color", "count", "motion")
-
-
-def ratio(v: torch.Tensor) -> float:
-    right, total = v.tolist()
-    return right / total if total else float("nan")
 
 
 def train_vision(
@@ -58,7 +53,7 @@ def train_vision(
         out,
         args.seed + 1,
         args.batch_size if gpu_pictures else args.vision_batch_size or args.batch_size,
-        video_share=1.0 if gpu_pictures else 0.2,
+        video_share=1.0 if gpu_pictures else args.video_share,
     )
     cpu_batches = iter(
         torch.utils.data.DataLoader(
