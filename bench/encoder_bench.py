@@ -47,6 +47,21 @@ def timed(fn, iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def profile_forward(name: str, fn, batch: int, top: int) -> None:
+    """Print the ``top`` kernels of one forward by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.profile_decode import kernel_table
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    busy, rows = kernel_table(prof, 1, top)
+    print(f"== {name}, batch {batch}: GPU busy {busy:.1f} ms per forward")
+    for kernel, us, n in rows:
+        print(f"{us / 1e3:>9.2f} ms {n:>6.0f}x  {kernel[:100]}")
+
+
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -55,6 +70,7 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=24)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", type=int, default=0, help="print the top N kernels of each tower")
     a = p.parse_args()
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     cfg = VisionConfig(depth=a.depth)
@@ -75,6 +91,9 @@ def main() -> None:
         diff = (out.float() - hf_out.float()).abs().max().item()
         t_ours = timed(lambda p=pixels, g=grid: ours(p, g), a.iters)
         t_hf = timed(lambda p=pixels, g=grid: ref(p, grid_thw=g), a.iters)
+        if a.profile:
+            profile_forward("glimpse", lambda p=pixels, g=grid: ours(p, g), batch, a.profile)
+            profile_forward("transformers", lambda p=pixels, g=grid: ref(p, grid_thw=g), batch, a.profile)
         rows.append(
             {
                 "batch": batch,

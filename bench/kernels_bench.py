@@ -1,18 +1,23 @@
 """Kernel micro-benchmark: the decoder's small Triton kernels against their torch references.
 
-``python -m bench.kernels_bench [--tokens 1,32,256,4096] [--iters 200] [--graph] [--json PATH]``
-(CUDA only) times, at GLM-4.5V sizes and bf16 activations, for each token count (decode: 1, 32,
-256; prefill: 4096):
+``python -m bench.kernels_bench [--tokens 1,32,256,4096] [--contexts 540,8192] [--iters 200]
+[--graph] [--json PATH]`` (CUDA only) times, at GLM-4.5V sizes and bf16 activations, for each
+token count (decode: 1, 32, 256; prefill: 4096):
 
 - ``rmsnorm`` / ``add_rmsnorm``: hidden 4096 (``kernels/rmsnorm.py``);
 - ``rotary``: 96 q + 8 kv heads of 128 inside a fused qkv row, rotary dim 64, M-RoPE cos/sin
   (``kernels/rotary.py``, in place);
 - ``moe_routing``: 128 experts, top-8, one group, float32 logits (``kernels/moe_routing.py``);
 - ``fp8_token`` / ``fp8_block128``: dynamic e4m3 quantisation of ``[T, 4096]``
-  (``kernels/quant_fp8.py``).
+  (``kernels/quant_fp8.py``);
+- ``paged@C``: decode attention of T sequences of C context tokens each (``--contexts``), 96 q /
+  8 kv heads of 128 over a paged cache of 16-token blocks in shuffled order: the attention
+  layer's gather + SDPA decode against ``kernels/paged_attention.py`` with the split count an
+  engine of longest context C fixes; skipped where T x C passes ``PAGED_MAX_TOKENS``.
 
 Each row prints microseconds per call of the torch reference and of the kernel, the speed-up,
-both achieved GB/s (bytes each op must move at least: inputs read once, outputs written once)
+both achieved GB/s (bytes each op must move at least: inputs read once, outputs written once;
+for ``paged`` the K and V of every context)
 and how far the outputs are apart. Eager timing includes the launch cost of every torch op,
 which is what decode pays without CUDA graphs; ``--graph`` captures ``iters`` calls in one CUDA
 graph and times its replay (device time only; capture itself checks graph safety). Not a test:
@@ -28,11 +33,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kernels import moe_routing, quant_fp8, rmsnorm, rotary
+from kernels import moe_routing, paged_attention, quant_fp8, rmsnorm, rotary
+from models.layers.attention import Attention, AttentionMetadata
 from models.layers.rotary import MRotaryEmbedding
 
 HIDDEN, HQ, HK, HEAD_DIM, ROTARY_DIM = 4096, 96, 8, 128, 64
 EXPERTS, TOP_K = 128, 8
+BLOCK = 16  # KV cache tokens per block
+PAGED_MAX_TOKENS = 1 << 19  # sequences x context of the largest paged row: 2 GiB of bf16 KV
 BF16 = torch.bfloat16
 DEVICE = "cuda"
 
@@ -186,9 +194,43 @@ def fp8_cases(t: int, gen: torch.Generator) -> list[Case]:
     ]
 
 
+def paged_case(batch: int, context: int, gen: torch.Generator) -> Case:
+    per_seq = -(-context // BLOCK)
+    shape = (2, batch * per_seq, BLOCK, HK, HEAD_DIM)
+    cache = torch.randn(shape, device=DEVICE, dtype=BF16)  # on the device: up to 2 GiB
+    tables = torch.randperm(batch * per_seq, generator=gen).view(batch, per_seq).int().to(DEVICE)
+    lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(batch, HQ, HEAD_DIM, generator=gen).to(DEVICE, BF16)
+    layer = Attention(HQ, HK, HEAD_DIM, scale=HEAD_DIM**-0.5)
+    layer.kv_cache = cache
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.arange(batch + 1, dtype=torch.int32, device=DEVICE),
+        seq_lens_k=lens,
+        max_seqlen_q=1,
+        max_seqlen_k=context,
+        block_tables=tables,
+    )
+    splits = paged_attention.splits_for_context(context)
+
+    def kernel() -> torch.Tensor:
+        return paged_attention.paged_decode_attention(
+            q, cache[0], cache[1], tables, lens, context, layer.scale, num_splits=splits
+        )
+
+    # the first reference call builds the gather plan on meta; replays reuse it (capturable)
+    return Case(
+        f"paged@{context}",
+        lambda: layer._sdpa_decode(q, meta),
+        kernel,
+        2 * batch * context * HK * HEAD_DIM * 2,
+        lambda: _max_diff(kernel(), layer._sdpa_decode(q, meta)),
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="1,32,256,4096", help="comma-separated token counts")
+    p.add_argument("--contexts", default="540,8192", help="comma-separated paged contexts")
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
     p.add_argument("--json", help="also write the rows to this file")
@@ -206,6 +248,8 @@ def main() -> int:
         cases = [*norm_cases(t, gen), rotary_case(t, gen), routing_case(t, gen)]
         if fp8:
             cases += fp8_cases(t, gen)
+        contexts = (int(v) for v in args.contexts.split(","))
+        cases += [paged_case(t, c, gen) for c in contexts if t * c <= PAGED_MAX_TOKENS]
         for case in cases:
             ref_us = time_us(case.reference, args.iters, args.graph)
             ker_us = time_us(case.kernel, args.iters, args.graph)

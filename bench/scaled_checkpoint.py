@@ -3,7 +3,10 @@
 ``python -m bench.scaled_checkpoint --out DIR [--layers 6] [--vision-depth 24]`` writes the tiny
 checkpoint's tokenizer, template and processor configs next to a ``config.json`` with the real
 GLM-4.5V text and vision widths (hidden 4096, 96/8 heads, 128 experts top-8, vocab 151552) and the
-given depth. There are no weights: run it with ``--load-format dummy``.
+given depth. There are no weights: run it with ``--load-format dummy``. The tokenizer's BPE
+vocabulary is padded with plain word pieces up to the real vocabulary size, so every token id that
+random weights can sample decodes to text (a served benchmark then streams output like a real
+checkpoint does); prompts still tokenize with the small vocabulary.
 """
 
 from __future__ import annotations
@@ -36,9 +39,43 @@ REAL_VISION = {
 }
 
 
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _filler(i: int) -> str:
+    """A distinct byte-level BPE token spelling a space and a short word (``Ġ`` is the space)."""
+    word = ""
+    while True:
+        i, r = divmod(i, len(LETTERS))
+        word += LETTERS[r]
+        if i == 0:
+            return "\u0120w" + word
+
+
+def pad_vocabulary(tokenizer_json: Path, vocab_size: int) -> None:
+    """Give every id below ``vocab_size`` a token: the free ids join the BPE vocabulary."""
+    tok = json.loads(tokenizer_json.read_text())
+    vocab = tok["model"]["vocab"]
+    # the special tokens keep their ids only if the model vocabulary holds them too: loading
+    # gives an added token missing from it the next id past the vocabulary's size
+    vocab.update({t["content"]: t["id"] for t in tok["added_tokens"]})
+    taken = set(vocab.values())
+    spellings = set(vocab)
+    n = 0
+    for token_id in range(vocab_size):
+        if token_id in taken:
+            continue
+        while _filler(n) in spellings:
+            n += 1
+        vocab[_filler(n)] = token_id
+        n += 1
+    tokenizer_json.write_text(json.dumps(tok, ensure_ascii=False))
+
+
 def write_scaled_checkpoint(out: Path, layers: int, vision_depth: int) -> Path:
     write_tiny_checkpoint(out, seed=0, variant="glm4.5v")
     (out / "model.safetensors").unlink()
+    pad_vocabulary(out / "tokenizer.json", REAL_TEXT["vocab_size"])
     cfg = json.loads((out / "config.json").read_text())
     cfg["text_config"].update(REAL_TEXT, num_hidden_layers=layers)
     cfg["text_config"]["rope_scaling"]["mrope_section"] = list(TextConfig.mrope_section)

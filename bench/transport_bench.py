@@ -9,7 +9,9 @@ Moves one embedding of ``--rows`` x ``--hidden`` bf16 (default 1600 x 4096: one 
     grpc_stream(cuda)  GPU producer -> GPU consumer forced through the stream (the cross-host cost)
 
 The timed region is ``EmbeddingImporter.fetch`` (descriptor in hand -> tensor on the consumer's
-device, synchronized); the producer's put and the ack are outside it. Prints a table and writes
+device, synchronized); the producer's put and the ack are outside it. The handoff column times
+the whole exchange a decoder sees: the Put RPC that returns the descriptor (the producer copies
+the embedding into its pool inside it), the fetch, and the Ack RPC. Prints a table and writes
 JSON (``--json``). Run: ``python -m bench.transport_bench [--iters 30] [--json out.json]``.
 """
 
@@ -129,9 +131,11 @@ async def _bench_path(
 
     importer = EmbeddingImporter(ImporterConfig(device=device, force_path=force))
     times: list[float] = []
+    handoffs: list[float] = []  # descriptor RPC + fetch + ack, the whole handoff
     path_used = ""
     try:
         for i in range(warmup + iters):
+            put_start = time.perf_counter()
             loc = EmbeddingLocation.from_dict(await put({"device": producer_device}, timeout=60))
             before = dict(importer.stats.fetches)
             start = time.perf_counter()
@@ -143,6 +147,7 @@ async def _bench_path(
             await ack({"device": producer_device, "embedding_id": loc.embedding_id}, timeout=60)
             if i >= warmup:
                 times.append(elapsed)
+                handoffs.append(time.perf_counter() - put_start)
         nbytes = loc.nbytes
     finally:
         importer.close()
@@ -158,6 +163,7 @@ async def _bench_path(
         "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))] * 1e3,
         "mean_ms": statistics.fmean(times) * 1e3,
         "gbps_p50": nbytes / p50 / 1e9,
+        "handoff_p50_ms": statistics.median(handoffs) * 1e3,
     }
 
 
@@ -196,14 +202,17 @@ def main(argv: list[str] | None = None) -> int:
 
     mib = args.rows * args.hidden * 2 / (1 << 20)
     print(f"embedding {args.rows}x{args.hidden} bf16 ({mib:.1f} MiB), {args.iters} iterations")
-    print(f"{'path':<18}{'device':<8}{'p50 ms':>10}{'p90 ms':>10}{'mean ms':>10}{'GB/s':>9}")
+    print(
+        f"{'path':<18}{'device':<8}{'p50 ms':>10}{'p90 ms':>10}{'mean ms':>10}{'GB/s':>9}"
+        f"{'handoff p50 ms':>16}"
+    )
     for r in results:
         name = r["path"] + (
             "(cuda)" if r["path"] == "grpc_stream" and r["device"] == "cuda" else ""
         )
         print(
             f"{name:<18}{r['device']:<8}{r['p50_ms']:>10.3f}{r['p90_ms']:>10.3f}"
-            f"{r['mean_ms']:>10.3f}{r['gbps_p50']:>9.2f}"
+            f"{r['mean_ms']:>10.3f}{r['gbps_p50']:>9.2f}{r['handoff_p50_ms']:>16.3f}"
         )
     report = {
         "rows": args.rows,

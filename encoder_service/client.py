@@ -51,7 +51,10 @@ class LocatedDescriptor(EmbeddingDescriptor):
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     # Raw media travel inside Encode, so the limits are the larger of that and a stream chunk.
-    sizes = [(key, max(max_message_bytes, limit)) for key, limit in grpc_message_options()]
+    sizes = [
+        (key, max(max_message_bytes, value) if key.endswith("_message_length") else value)
+        for key, value in grpc_message_options()
+    ]
     return [*sizes, ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
 
 

@@ -45,15 +45,17 @@ _WARMUP_TIMEOUT_S = 600.0
 
 
 def message_options(limits: ServerLimits) -> list[tuple[str, int]]:
-    """The server's size limits: the configured ones, raised to what a stream chunk needs."""
+    """The server's size limits, the configured ones raised to what a stream chunk needs, and
+    the stream's HTTP/2 settings."""
     chunk = dict(grpc_message_options())
-    return [
-        (key, max(own, chunk[key]))
+    sizes = [
+        (key, max(own, chunk.pop(key)))
         for key, own in (
             ("grpc.max_receive_message_length", limits.max_request_bytes),
             ("grpc.max_send_message_length", limits.max_send_bytes),
         )
     ]
+    return [*sizes, *chunk.items()]
 
 
 def _warmup_item() -> MediaItem:

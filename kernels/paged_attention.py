@@ -9,15 +9,26 @@ Hk, D]`` with a contiguous last dim (``kv_cache[0]`` / ``kv_cache[1]`` of the la
 past a sequence's last block are never read.
 
 Kernel: one program per (sequence, KV head, context split) computes all the query heads of that
-KV head against each cache block of its split (so a block is read once for its whole group), with
-an online softmax in float32; a second kernel merges the splits with their log-sum-exp weights.
-Splitting keeps the GPU busy at batch 1 on long contexts. Split ``s`` of a sequence covers its
-pages ``[s * p, (s + 1) * p)`` with ``p = max(ceil(pages / splits), partition / block_size)``: by
-default ``splits = ceil(max_seqlen_k / partition)`` (so ``p`` is the partition); ``num_splits``
-fixes the count instead (a CUDA graph is captured once for every context length: choose it with
-``splits_for_context(max_model_len)``), and each sequence then spreads its own pages evenly over
-the splits, so its result depends only on its own length, never on the batch around it. The
-launch reads no device value on the host (capturable). ``paged_decode_reference`` is the torch
+KV head (so a key is read once for its whole group) with an online softmax in float32; a second
+kernel merges the splits with their log-sum-exp weights. A program walks its split one tile of
+``max(64, block_size)`` tokens at a time: one vector load gathers the block id of every token of
+the tile (position ``n`` sits in page ``n // block_size`` at slot ``n % block_size``), then one
+``[groups, D] x [D, tile]`` dot. Keys past the context or past the split's last page are masked,
+so a tile may straddle either end. (One page per iteration left each program waiting on a table
+load and then a 4 KB load: latency bound.)
+
+Splits: split ``s`` of a sequence covers its pages ``[s * p, (s + 1) * p)`` with ``p =
+max(ceil(pages / splits), partition / block_size)``: a sequence spreads its pages evenly over the
+splits, but no split takes fewer than ``partition`` tokens (default ``max(PARTITION, block_size)``
+= 64 at block size 16, one tile), so a short context leaves the later splits empty; an empty
+split stores ``m = -inf, l = 0`` and the merge skips it. The split count is fixed per engine with
+``splits_for_context(max_model_len)`` = ``min(MAX_SPLITS, ceil(max_model_len / PARTITION))``, so
+every step launches the same grid (a CUDA graph is captured once for every context length) and a
+sequence's result depends only on its own length, never on the batch around it. With 8 KV heads
+and 32 splits, batch 1 at 540 tokens keeps 9 splits x 8 = 72 programs busy (one tile each) and at
+8192 tokens 256 programs (4 tiles each). Without ``num_splits`` the count comes from
+``max_seqlen_k`` the same way (the grid then follows the batch's longest context). The launch
+reads no device value on the host (capturable). ``paged_decode_reference`` is the torch
 reference (gather, float32 softmax). Needs Triton; on CPU it runs only under
 ``TRITON_INTERPRET=1`` (what the tests use).
 
@@ -37,10 +48,17 @@ except ImportError:  # pragma: no cover - depends on the machine
     triton = None
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 16  # past this the merge traffic grows faster than the parallelism helps
+# Fewest context tokens per split: one whole tile. Every split also writes float32 partials for
+# the merge to read back; at 12 query heads per KV head those are 1/5 of a 64-token split's bf16
+# KV, so smaller splits would cost more traffic than their parallelism wins.
+PARTITION = 64
+# 32 splits x 8 KV heads = 256 programs at batch 1, about two per SM of an H200: more splits only
+# add merge traffic once the GPU is full
+MAX_SPLITS = 32
+TILE = 64  # tokens per loop iteration of a split (at least one page)
 
 
-def splits_for_context(max_context: int, partition: int = 512) -> int:
+def splits_for_context(max_context: int, partition: int = PARTITION) -> int:
     """A fixed split count for every context up to ``max_context`` tokens."""
     return min(MAX_SPLITS, max(1, math.ceil(max_context / partition)))
 
@@ -73,17 +91,19 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [B] int32, each >= 1
     max_seqlen_k: int,  # unused when num_splits is given
     scale: float,
-    partition: int = 512,  # context tokens per split (at least); a multiple of block_size
-    num_splits: int | None = None,  # fixed split count; None = ceil(max_seqlen_k / partition)
+    # fewest context tokens per split, a multiple of block_size; None = max(PARTITION, block_size)
+    partition: int | None = None,
+    # fixed split count in [1, MAX_SPLITS]; None = splits_for_context(max_seqlen_k, partition)
+    num_splits: int | None = None,
 ) -> torch.Tensor:  # [B, Hq, D] q.dtype
     if triton is None:
         raise RuntimeError("paged_decode_attention needs triton")
     b, hq, d = q.shape
     _, block_size, hk, _ = k_cache.shape
-    _check(q, k_cache, v_cache, block_size, partition)
+    partition = max(PARTITION, block_size) if partition is None else partition
+    splits = splits_for_context(max_seqlen_k, partition) if num_splits is None else num_splits
+    _check(q, k_cache, v_cache, block_size, partition, splits)
     groups = hq // hk
-    splits = num_splits if num_splits is not None else math.ceil(max_seqlen_k / partition)
-    splits = max(1, splits)
     acc = torch.empty(b, hq, splits, d, dtype=torch.float32, device=q.device)
     m = torch.empty(b, hq, splits, dtype=torch.float32, device=q.device)
     l_sum = torch.empty_like(m)
@@ -98,6 +118,7 @@ def paged_decode_attention(
         acc.stride(0), acc.stride(1), acc.stride(2),
         m.stride(0), m.stride(1),
         GROUPS=groups, GROUPS_PAD=groups_pad, HEAD_DIM=d, PAGE=block_size,
+        TILE=max(TILE, block_size),
     )  # fmt: skip
     out = torch.empty_like(q)
     _merge_kernel[(b, hq)](
@@ -110,7 +131,7 @@ def paged_decode_attention(
     return out
 
 
-def _check(q, k_cache, v_cache, block_size: int, partition: int) -> None:
+def _check(q, k_cache, v_cache, block_size: int, partition: int, splits: int) -> None:
     d, hk = q.shape[2], k_cache.shape[2]
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache and v_cache must share shape and layout")
@@ -118,8 +139,10 @@ def _check(q, k_cache, v_cache, block_size: int, partition: int) -> None:
         raise ValueError(f"q {tuple(q.shape)} does not fit cache {tuple(k_cache.shape)}")
     if d & (d - 1) or block_size & (block_size - 1):
         raise ValueError("head_dim and block_size must be powers of two")
-    if partition % block_size:
+    if partition <= 0 or partition % block_size:
         raise ValueError(f"partition {partition} is not a multiple of block_size {block_size}")
+    if not 1 <= splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits {splits} is not in [1, {MAX_SPLITS}]")
     if q.stride(2) != 1 or k_cache.stride(3) != 1:
         raise ValueError("q and the cache need a contiguous last dim")
 
@@ -136,7 +159,7 @@ if triton is not None:
         stride_ab, stride_ah, stride_as,
         stride_mb, stride_mh,
         GROUPS: tl.constexpr, GROUPS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-        PAGE: tl.constexpr,
+        PAGE: tl.constexpr, TILE: tl.constexpr,
     ):  # fmt: skip
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -144,7 +167,7 @@ if triton is not None:
         seq_len = tl.load(lens_ptr + seq)
         g = tl.arange(0, GROUPS_PAD)
         d = tl.arange(0, HEAD_DIM)
-        t = tl.arange(0, PAGE)
+        n = tl.arange(0, TILE)
         heads = kv_head * GROUPS + g
         rows = g < GROUPS
         q_off = seq * stride_qb + heads[:, None] * stride_qh + d[None, :]
@@ -155,15 +178,22 @@ if triton is not None:
         n_pages = tl.cdiv(seq_len, PAGE)
         per_split = tl.maximum(tl.cdiv(n_pages, n_splits), min_pages)
         first = split * per_split
-        last = tl.minimum(first + per_split, n_pages)
-        for page in range(first, last):
-            block = tl.load(tables_ptr + seq * stride_tb + page).to(tl.int64)
-            kv_off = block * stride_kb + t[:, None] * stride_kt + kv_head * stride_kh + d[None, :]
-            k = tl.load(k_ptr + kv_off)  # [PAGE, D]
-            v = tl.load(v_ptr + kv_off)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [G, PAGE]
-            s = tl.where((page * PAGE + t < seq_len)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: a page's first key is in context
+        # the split's keys are positions [first * PAGE, end); past the context it is empty
+        end = tl.minimum(tl.minimum(first + per_split, n_pages) * PAGE, seq_len)
+        table = tables_ptr + seq * stride_tb
+        kv_base = kv_head * stride_kh + d[None, :]
+        for start in range(first * PAGE, end, TILE):
+            pos = start + n  # [TILE] context positions
+            keep = pos < end  # masks the context's tail and the next split's pages
+            # every token's block id in one gather: a page's tokens share (and cache) an entry
+            block = tl.load(table + pos // PAGE, mask=keep, other=0).to(tl.int64)
+            kv_off = block[:, None] * stride_kb + (pos % PAGE)[:, None] * stride_kt + kv_base
+            # masked, not just weighted 0: a slot past the context may hold NaN
+            k = tl.load(k_ptr + kv_off, mask=keep[:, None], other=0.0)  # [TILE, D]
+            v = tl.load(v_ptr + kv_off, mask=keep[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2  # [G, TILE]
+            s = tl.where(keep[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: a tile's first key is in the split
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -171,7 +201,7 @@ if triton is not None:
             m_i = m_new
         # a split past the context stores only m = -inf, l = 0: the merge skips its acc rows
         a_off = seq * stride_ab + heads[:, None] * stride_ah + split * stride_as + d[None, :]
-        tl.store(acc_ptr + a_off, acc, mask=rows[:, None] & (first < last))
+        tl.store(acc_ptr + a_off, acc, mask=rows[:, None] & (first * PAGE < end))
         ml_off = seq * stride_mb + heads * stride_mh + split
         tl.store(m_ptr + ml_off, m_i, mask=rows)
         tl.store(l_ptr + ml_off, l_i, mask=rows)
@@ -184,6 +214,8 @@ if triton is not None:
         stride_ob, stride_oh,
         SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):  # fmt: skip
+        # one program holds all of a head's partials, [SPLITS_PAD, D] float32 (16 KB at 32 x
+        # 128): what bounds MAX_SPLITS
         seq = tl.program_id(0)
         head = tl.program_id(1)
         s = tl.arange(0, SPLITS_PAD)

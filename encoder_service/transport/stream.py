@@ -37,6 +37,8 @@ MAX_CHUNK_BYTES = 4 << 20
 DEFAULT_CHUNK_BYTES = MAX_CHUNK_BYTES
 # Room for the message framing and the small fields beside the payload.
 _MESSAGE_OVERHEAD = 64 << 10
+_MAX_HTTP2_FRAME = (1 << 24) - 1  # the largest frame HTTP/2 allows
+_STREAM_WINDOW = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,18 @@ def clamp_chunk_bytes(requested: int | None) -> int:
 
 
 def grpc_message_options(chunk_bytes: int = MAX_CHUNK_BYTES) -> list[tuple[str, int]]:
-    """Channel and server options that admit chunks of ``chunk_bytes`` in both directions."""
+    """Channel and server options that admit chunks of ``chunk_bytes`` in both directions and
+    let a stream run at memory speed rather than at HTTP/2's defaults: frames as large as the
+    protocol allows (16 KiB by default, so a 4 MiB chunk was 256 frames) and a fixed 64 MiB
+    flow-control window (no bandwidth-delay probing that starts small and grows)."""
     limit = chunk_bytes + _MESSAGE_OVERHEAD
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+    return [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.http2.max_frame_size", _MAX_HTTP2_FRAME),
+        ("grpc.http2.lookahead_bytes", _STREAM_WINDOW),
+        ("grpc.http2.bdp_probe", 0),
+    ]
 
 
 def split_chunks(

@@ -15,11 +15,16 @@ Not here: preprocessing (``processing/``), weight loading, batching across reque
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import rotary as rotary_kernel
+from kernels.dispatch import triton_enabled
 from models.glm4v.config import VisionConfig
+from models.layers.activation import silu_mul
 from models.layers.norm import RMSNorm
 
 try:  # optional GPU dependency
@@ -75,6 +80,15 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class _Rope(NamedTuple):
+    """2-D rotary tables of one forward, built once and shared by every block."""
+
+    cos: torch.Tensor  # [N, 1, head_dim] float32, the two halves equal
+    sin: torch.Tensor  # [N, 1, head_dim] float32
+    # [N, 1, head_dim / 2] contiguous first halves for the in-place kernel; None = torch path
+    half: tuple[torch.Tensor, torch.Tensor] | None
+
+
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -87,14 +101,19 @@ class VisionAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [N, hidden]
-        cos: torch.Tensor,  # [N, 1, head_dim] float32
-        sin: torch.Tensor,  # [N, 1, head_dim] float32
+        rope: _Rope,
         segments: _Segments,
     ) -> torch.Tensor:  # [N, hidden]
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q = (q.float() * cos + _rotate_half(q.float()) * sin).to(x.dtype)
-        k = (k.float() * cos + _rotate_half(k.float()) * sin).to(x.dtype)
+        n, h, d = x.shape[0], self.num_heads, self.head_dim
+        qkv = self.qkv(x).view(n, 3 * h, d)
+        if rope.half is not None:
+            # q and k heads are adjacent in each row: rotate them in place, one kernel
+            rotary_kernel.rotary_f32_(qkv[:, : 2 * h], *rope.half, d)
+            q, k, v = qkv.view(n, 3, h, d).unbind(1)
+        else:
+            q, k, v = qkv.view(n, 3, h, d).unbind(1)
+            q = (q.float() * rope.cos + _rotate_half(q.float()) * rope.sin).to(x.dtype)
+            k = (k.float() * rope.cos + _rotate_half(k.float()) * rope.sin).to(x.dtype)
         if _use_flash(q):
             out = flash_attn_varlen_func(
                 q, k, v.contiguous(),
@@ -108,6 +127,13 @@ class VisionAttention(nn.Module):
                 qh, kh, vh, attn_mask=segments.mask, scale=self.scale
             )
             out = o.transpose(1, 2)[segments.valid]  # segments in order: the packed layout
+        elif segments.uniform:
+            # equal segments (a batch of same-sized images) are one batched SDPA call over
+            # strided views: no gather, no copies in or out
+            s_, l_ = len(segments.bounds), segments.max_len
+            qh, kh, vh = (t.view(s_, l_, h, d).transpose(1, 2) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qh, kh, vh, scale=self.scale)
+            return self.proj(o.transpose(1, 2).reshape(n, -1))
         else:
             out = torch.empty_like(q)
             for s, e in segments.bounds:
@@ -127,7 +153,7 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(inner, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
 class VisionBlock(nn.Module):
@@ -139,9 +165,20 @@ class VisionBlock(nn.Module):
         # the block MLP is out_hidden_size wide (4096 in the real model), not intermediate_size
         self.mlp = SwiGLU(cfg.hidden_size, cfg.out_hidden_size)
 
-    def forward(self, x, cos, sin, segments: _Segments) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, segments)
-        return x + self.mlp(self.norm2(x))
+    def forward(
+        self,
+        x: torch.Tensor,  # [N, hidden], the previous block's MLP output
+        residual: torch.Tensor | None,  # [N, hidden], the stream before x is added; None: first
+        rope: _Rope,
+        segments: _Segments,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (this block's MLP output, residual before it)
+        # each residual add rides in the next norm (one fused kernel on CUDA)
+        if residual is None:
+            h, residual = self.norm1(x), x
+        else:
+            h, residual = self.norm1.add_forward(x, residual)
+        h, residual = self.norm2.add_forward(self.attn(h, rope, segments), residual)
+        return self.mlp(h), residual
 
 
 class PatchMerger(nn.Module):
@@ -171,6 +208,7 @@ class _Segments:
         self.max_len = max(lengths) if lengths else 0
         self.cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=device)
         self.padded = padded and len(lengths) > 1
+        self.uniform = len(lengths) > 1 and len(set(lengths)) == 1
         if self.padded:
             n = torch.tensor(lengths, device=device)
             slot = torch.arange(self.max_len, device=device)
@@ -226,10 +264,15 @@ class VisionTower(nn.Module):
         segments = _Segments(lengths, device, padded=self.padded_attention and not _use_flash(x))
         x = self.post_conv_layernorm(x)
         x = x + self.embeddings(h_pos, w_pos, grid_h, grid_w).to(x.device)
-        cos, sin = self._rope(h_pos, w_pos)
+        rope = self._rope(h_pos, w_pos, x)
+        residual = None
         for block in self.blocks:
-            x = block(x, cos, sin, segments)
-        x = self.post_layernorm(x)
+            x, residual = block(x, residual, rope, segments)
+        x = (
+            self.post_layernorm(x)
+            if residual is None
+            else self.post_layernorm.add_forward(x, residual).out
+        )
 
         # each run of merge**2 consecutive patches is one merge block (processor layout)
         m, c = self.merge, x.shape[-1]
@@ -257,14 +300,22 @@ class VisionTower(nn.Module):
         packed = torch.stack([torch.cat(v) for v in (hs, ws, gh, gw)]).to(device)
         return packed[0], packed[1], packed[2].float(), packed[3].float()
 
-    def _rope(self, h_pos: torch.Tensor, w_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rope(self, h_pos: torch.Tensor, w_pos: torch.Tensor, x: torch.Tensor) -> _Rope:
         # built here in float32, not kept as a buffer that a .to(bfloat16) would round
-        quarter = self.cfg.head_dim // 4
+        d = self.cfg.head_dim
+        quarter = d // 4
         exponent = torch.arange(quarter, dtype=torch.float32, device=h_pos.device) / quarter
         inv = 1.0 / (VISION_ROPE_THETA**exponent)  # [head_dim/4]
         angles = torch.cat((h_pos[:, None].float() * inv, w_pos[:, None].float() * inv), dim=-1)
-        angles = torch.cat((angles, angles), dim=-1).unsqueeze(1)  # [N, 1, head_dim]
-        return angles.cos(), angles.sin()
+        cos_h, sin_h = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)  # [N, 1, head_dim/2]
+        cos, sin = torch.cat((cos_h, cos_h), dim=-1), torch.cat((sin_h, sin_h), dim=-1)
+        # the in-place kernel serves inference only: training keeps the autograd-plain ops
+        kernel = (
+            triton_enabled(x)
+            and not torch.is_grad_enabled()
+            and rotary_kernel.supported(x.view(x.shape[0], -1, d), cos_h, d, True)
+        )
+        return _Rope(cos, sin, (cos_h, sin_h) if kernel else None)
 
 
 def _use_flash(q: torch.Tensor) -> bool:

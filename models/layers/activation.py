@@ -1,19 +1,32 @@
 """Gated activations used by the MLPs.
 
-Contract: ``SiluAndMul()(x)`` takes the fused gate|up output ``[..., 2I]`` and returns
-``silu(gate) * up`` ``[..., I]``. A fused kernel may replace the body later; callers stay the same.
+Contract: ``silu_and_mul(x)`` / ``SiluAndMul()(x)`` take the fused gate|up output ``[..., 2I]``
+and return ``silu(gate) * up`` ``[..., I]``; ``silu_mul(gate, up)`` takes the two halves as
+separate ``[..., I]`` tensors (the vision MLP's two GEMMs). On CUDA both run the one-pass Triton
+kernel of ``kernels/silu_mul.py`` unless ``kernels.dispatch`` says no; elsewhere the torch ops,
+which the kernel matches.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kernels import silu_mul as kernel
+from kernels.dispatch import triton_enabled
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # [..., I] x2 -> [..., I]
+    if gate.dim() >= 2 and triton_enabled(gate):
+        g2, u2 = gate.reshape(-1, gate.shape[-1]), up.reshape(-1, up.shape[-1])
+        if kernel.supported(g2, u2):
+            return kernel.silu_mul(g2, u2).view(gate.shape)
+    return kernel.silu_mul_reference(gate, up)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2I] -> [..., I]
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return silu_mul(gate, up)
 
 
 class SiluAndMul(nn.Module):

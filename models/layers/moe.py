@@ -9,9 +9,14 @@ Contract:
   module's torch reference.
 - ``FusedMoE(x, router_out) -> [T, H]`` float32 *partial* sum of the routed experts held by this
   rank; the caller adds the shared expert and does the one all-reduce. The experts run through
-  ``experts_grouped`` (one sort, two grouped GEMMs, one ``index_add_``); ``experts_reference``
-  is the per-expert loop it must match. Weights are stacked:
-  ``w13_weight [E_local, 2*I_local, H]`` (gate rows then up rows) and ``w2_weight
+  ``experts_grouped``, which picks one of two paths, neither reading a device value on the host
+  (both CUDA-graph safe): decode-sized batches (``T*K <= kernels.fused_moe.MAX_SLOTS``) with
+  bf16/fp16 weights on CUDA, unless ``kernels.dispatch`` says no, take the Triton kernels of
+  ``kernels/fused_moe.py`` (slots aligned to 16-row expert blocks, gate/up GEMM with the SiLU-mul
+  fused, down GEMM with the routing weight fused, a sum over k); everything else (CPU, float32,
+  FP8, prefill-sized batches) sorts the slots once, runs two grouped GEMMs and combines with one
+  ``index_add_``. ``experts_reference`` is the per-expert loop both must match. Weights are
+  stacked: ``w13_weight [E_local, 2*I_local, H]`` (gate rows then up rows) and ``w2_weight
   [E_local, H, I_local]``; ``weight_loader(param, loaded, shard_id "w1"|"w3"|"w2", expert_id)``
   takes one checkpoint expert tensor. Sharding: expert parallel keeps whole experts
   ``[rank*E/ws, (rank+1)*E/ws)``; tensor parallel keeps every expert's slice of the
@@ -20,7 +25,7 @@ Contract:
   [E_local, H, 1]`` float32, and the GEMMs are ``scaled_grouped_mm``.
 
 What does not belong here: the shared expert (a dense MLP in the model), FP8 weight creation
-and loading (fp8.py).
+and loading (fp8.py), the expert kernels themselves (``kernels/``).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kernels import moe_routing
+from kernels import fused_moe, moe_routing
 from kernels.dispatch import triton_enabled
 from kernels.moe_grouped_gemm import grouped_mm, scaled_grouped_mm
 from models.distributed import divide, get_parallel_state
@@ -117,7 +122,7 @@ class FusedMoE(nn.Module):
         # set (with FP8 weights) by fp8.Fp8MoEMethod.create_weights
         self.w13_weight_scale: nn.Parameter | None = None  # [E_local, 2I, 1] float32
         self.w2_weight_scale: nn.Parameter | None = None  # [E_local, H, 1] float32
-        self._bounds: torch.Tensor | None = None  # [E_local] int64 1..E_local, lazily
+        self._bounds: torch.Tensor | None = None  # [E_local + 1] int64 0..E_local, lazily
 
     def weight_loader(
         self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert_id: int
@@ -171,9 +176,9 @@ class FusedMoE(nn.Module):
         )
 
 
-def _expert_bounds(e_local: int, device: torch.device) -> torch.Tensor:  # [E_local] int64
-    # searchsorted of these in the sorted expert keys gives each expert's end row
-    return torch.arange(1, e_local + 1, device=device, dtype=torch.int64)
+def _expert_bounds(e_local: int, device: torch.device) -> torch.Tensor:  # [E_local + 1] int64
+    # searchsorted of these in the sorted expert keys gives each expert's start row ([1:]: end)
+    return torch.arange(0, e_local + 1, device=device, dtype=torch.int64)
 
 
 def experts_grouped(
@@ -184,30 +189,38 @@ def experts_grouped(
     expert_start: int = 0,
     foreign_slots: bool = True,  # False only when every routed id is a local expert
     use_fused: bool | None = None,  # passed to grouped_mm; None = its own choice
-    bounds: torch.Tensor | None = None,  # [E_local] int64 1..E_local, reused across calls
+    bounds: torch.Tensor | None = None,  # [E_local + 1] int64 0..E_local, reused across calls
     w13_scale: torch.Tensor | None = None,  # [E_local, 2I, 1] float32 when w13 is FP8
     w2_scale: torch.Tensor | None = None,  # [E_local, H, 1] float32 when w2 is FP8
+    use_triton: bool | None = None,  # None = decode-sized CUDA bf16/fp16; False = grouped
 ) -> torch.Tensor:  # [T, H] float32
-    """Sort the (token, k) slots by expert once, run both expert GEMMs as grouped GEMMs over
-    contiguous row blocks, then weight and scatter-add back with one ``index_add_``.
+    """Decode-sized batches: the fused Triton kernels. Otherwise sort the (token, k) slots by
+    expert once, run both expert GEMMs as grouped GEMMs over contiguous row blocks, then weight
+    and scatter-add back with one ``index_add_``.
 
     Slots routed to another rank's experts get the key ``E_local``, so they sort after every
     local group and fall past the last offset; their rows are zeroed before the combine. No step
-    reads a device value on the host, so the fused path stays free of stream synchronisation.
+    reads a device value on the host, so both paths stay free of stream synchronisation.
     """
     t, k = route.ids.shape
     e_local = w13.shape[0]
-    out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
     if t == 0:
-        return out
+        return torch.zeros(0, x.shape[-1], dtype=torch.float32, device=x.device)
+    if bounds is None:
+        bounds = _expert_bounds(e_local, x.device)
+    if use_triton is None:
+        use_triton = _triton_path(x, w13, w2, t * k, w13_scale)
+    if use_triton:
+        return fused_moe.fused_experts(
+            x, w13, w2, route.weights, route.ids, expert_start, foreign_slots, edges=bounds
+        )
+    out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
     local = route.ids.reshape(-1) - expert_start  # [T*K]
     if foreign_slots:
         local = torch.where((local >= 0) & (local < e_local), local, e_local)
     # stable, so the combine adds slots in the same order as the per-expert reference
     keys, order = local.sort(stable=True)  # [T*K], [T*K]
-    if bounds is None:
-        bounds = _expert_bounds(e_local, x.device)
-    offs = torch.searchsorted(keys, bounds, out_int32=True)  # [E_local] end row of each expert
+    offs = torch.searchsorted(keys, bounds[1:], out_int32=True)  # [E_local] end row of experts
     tokens = order // k  # [T*K] source token of each sorted slot
     h = silu_and_mul(_expert_mm(x.index_select(0, tokens), w13, w13_scale, offs, use_fused))
     y = _expert_mm(h, w2, w2_scale, offs, use_fused).float()  # [T*K, H]
@@ -217,6 +230,24 @@ def experts_grouped(
         y = torch.where((keys < e_local)[:, None], y, 0.0)
     out.index_add_(0, tokens, y)
     return out
+
+
+def _triton_path(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E_local, 2I, H]
+    w2: torch.Tensor,  # [E_local, H, I]
+    num_slots: int,  # T*K
+    w13_scale: torch.Tensor | None,
+) -> bool:
+    # float32 stays on exact GEMMs (the kernels would run fp32 without tensor cores) and FP8 on
+    # scaled_grouped_mm; prefill-sized batches are past MAX_SLOTS, where grouped_mm's large
+    # tiles win
+    return (
+        w13_scale is None
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and triton_enabled(x)
+        and fused_moe.supported(x, w13, w2, num_slots)
+    )
 
 
 def _expert_mm(

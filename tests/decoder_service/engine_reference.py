@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -32,6 +31,8 @@ def draw_image(width: int, height: int, seed: int) -> Image.Image:
 
 
 def write_video(path: Path, frames: int, fps: int, width: int = 64, height: int = 48) -> Path:
+    import av  # PyAV only where a test encodes a video
+
     with av.open(str(path), "w") as c:
         stream = c.add_stream("mpeg4", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 
-import av
 import numpy as np
 from PIL import Image
 
@@ -21,6 +20,8 @@ def png_bytes(width: int, height: int, color: tuple[int, int, int], fmt: str = "
 
 
 def mp4_bytes(frames: int = 12, width: int = 64, height: int = 48, fps: int = 4) -> bytes:
+    import av  # PyAV only where a test encodes a video
+
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
         stream = out.add_stream("mpeg4", rate=fps)

@@ -45,13 +45,32 @@ def _case(lens: list[int], hq: int, hk: int, d: int, block: int, dtype, device, 
 @kernel_case
 @pytest.mark.parametrize(
     ("lens", "partition"),
-    [([1], 16), ([16, 17, 5], 32), ([100, 3, 64, 33], 32), ([130, 1], 128)],
+    [
+        ([1], 16),
+        ([16, 17, 5], 32),
+        ([100, 3, 64, 33], 32),
+        ([130, 1], 128),
+        ([65, 127, 1, 200, 64], None),  # the default: splits of 64 tokens, tails of a tile
+    ],
 )
-def test_kernel_matches_reference_float32(lens: list[int], partition: int) -> None:
+def test_kernel_matches_reference_float32(lens: list[int], partition: int | None) -> None:
     q, cache, tables, seq_lens = _case(lens, 8, 2, 32, 16, torch.float32, DEVICE, seed=len(lens))
     args = (q, cache[0], cache[1], tables, seq_lens)
     got = kernel.paged_decode_attention(*args, max(lens), 0.17, partition=partition)
     want = kernel.paged_decode_reference(*args, 0.17)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@kernel_case
+def test_kernel_groups_of_12_and_a_long_context_match_reference_float32() -> None:
+    # GLM-4.5V's 12 query heads per KV head (padded to 16 dot rows); 2100 tokens (132 pages)
+    # over the 32 default splits give 5 pages a split: a whole tile, then one straddling its end
+    lens = [2100, 1, 77]
+    q, cache, tables, seq_lens = _case(lens, 24, 2, 16, 16, torch.float32, DEVICE, seed=6)
+    args = (q, cache[0], cache[1], tables, seq_lens)
+    assert kernel.splits_for_context(max(lens)) == kernel.MAX_SPLITS
+    got = kernel.paged_decode_attention(*args, max(lens), 0.25)
+    want = kernel.paged_decode_reference(*args, 0.25)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
@@ -77,12 +96,17 @@ def test_kernel_float16_and_the_attention_layer_agree() -> None:
 
 
 @kernel_case
-def test_rejects_mismatched_shapes() -> None:
+def test_rejects_mismatched_shapes_and_split_counts() -> None:
     q, cache, tables, seq_lens = _case([5], 8, 2, 32, 16, torch.float32, "cpu", seed=4)
     with pytest.raises(ValueError, match="multiple of block_size"):
         kernel.paged_decode_attention(q, cache[0], cache[1], tables, seq_lens, 5, 1.0, 24)
     with pytest.raises(ValueError, match="does not fit"):
         kernel.paged_decode_attention(q[:, :7], cache[0], cache[1], tables, seq_lens, 5, 1.0)
+    for splits in (0, kernel.MAX_SPLITS + 1):
+        with pytest.raises(ValueError, match="num_splits"):
+            kernel.paged_decode_attention(
+                q, cache[0], cache[1], tables, seq_lens, 5, 1.0, num_splits=splits
+            )
 
 
 @pytest.mark.gpu

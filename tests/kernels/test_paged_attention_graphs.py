@@ -2,8 +2,9 @@
 layer's decode path inside a captured graph.
 
 Fixed splits: against the torch reference, with many more splits than a short context has pages
-(empty splits must weigh nothing, even over uninitialised partials), and per-sequence results that
-do not depend on the batch around them. On CPU these run under Triton's interpreter in a fresh
+(empty splits must weigh nothing, even over uninitialised partials), with splits that end inside
+a tile (the tile's later pages belong to the next split), with all 32 splits busy on a long
+context, and per-sequence results that do not depend on the batch around them. On CPU these run under Triton's interpreter in a fresh
 process (see ``test_paged_attention.py`` for why). GPU: one captured graph of the layer's cache
 write + decode kernel, replayed with new contexts, lengths and block tables each time, against the
 reference; and the layer's Triton and SDPA decode paths on the same bfloat16 cache.
@@ -44,7 +45,15 @@ def _case(lens: list[int], hq: int, hk: int, d: int, block: int, dtype, seed: in
 @kernel_case
 @pytest.mark.parametrize(
     ("lens", "splits", "partition"),
-    [([1, 2], 8, 16), ([16, 17, 5, 100], 4, 16), ([300, 1, 64], 3, 32), ([130], 16, 16)],
+    [
+        ([1, 2], 8, 16),
+        ([16, 17, 5, 100], 4, 16),
+        ([300, 1, 64], 3, 32),
+        ([130], 16, 16),
+        ([300, 20], 3, 16),  # 7 pages a split: its second tile straddles the next split's start
+        ([20, 5, 64], 32, 16),  # 32 splits over 4 pages at most: 28 or more splits empty
+        ([1500, 3], 32, 16),  # 94 pages: 32 busy splits of 3 pages, each a tile cut by its end
+    ],
 )
 def test_fixed_splits_match_reference(lens: list[int], splits: int, partition: int) -> None:
     q, cache, tables, seq_lens = _case(lens, 8, 2, 32, 16, torch.float32, seed=sum(lens))
@@ -75,8 +84,12 @@ def test_fixed_splits_give_each_sequence_the_same_result_in_any_batch() -> None:
 def test_split_count_is_a_function_of_the_longest_context_only() -> None:
     from kernels.paged_attention import MAX_SPLITS, splits_for_context
 
-    assert splits_for_context(1) == 1 and splits_for_context(512) == 1
-    assert splits_for_context(513) == 2 and splits_for_context(10**6) == MAX_SPLITS
+    # one split per 64 tokens of the longest context, at most MAX_SPLITS: a 540-token engine
+    # launches 9 splits, anything from 2048 tokens up 32
+    assert splits_for_context(1) == 1 and splits_for_context(64) == 1
+    assert splits_for_context(540) == 9 and splits_for_context(600) == 10
+    assert splits_for_context(2048) == MAX_SPLITS == 32 and splits_for_context(10**6) == 32
+    assert splits_for_context(513, partition=512) == 2
 
 
 # ---- GPU --------------------------------------------------------------------------------------

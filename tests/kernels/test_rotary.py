@@ -121,3 +121,25 @@ def test_layer_agrees_with_triton_on_and_off(monkeypatch: pytest.MonkeyPatch) ->
     assert not calls
     _assert_bf16_rotated(on, qkv, rope.cos, rope.sin)
     _assert_bf16_rotated(off, qkv, rope.cos, rope.sin)
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_float32_variant_rounds_once_like_the_vision_reference(dtype) -> None:
+    # the vision tower's layout: q|k heads of a fused qkv row, rotary over the whole head
+    t, h, d = 7, 3, 32
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(t, 3 * h, d, generator=gen).to(DEVICE, dtype)
+    angles = torch.rand(t, 1, d // 2, generator=gen).to(DEVICE) * 50
+    cos, sin = angles.cos(), angles.sin()
+    want = qkv.clone()
+    kernel.rotary_f32_reference_(want[:, : 2 * h], cos, sin, d)
+    # the reference is transformers' formula: x * cat(cos, cos) + rotate_half(x) * cat(sin, sin)
+    full_cos, full_sin = torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)
+    x = qkv[:, : 2 * h].float()
+    half = torch.cat((-x[..., d // 2 :], x[..., : d // 2]), -1)
+    torch.testing.assert_close(want[:, : 2 * h], (x * full_cos + half * full_sin).to(dtype))
+    kernel.rotary_f32_(qkv[:, : 2 * h], cos, sin, d)
+    torch.testing.assert_close(qkv, want, rtol=0, atol=torch.finfo(dtype).eps * 8)
+    assert torch.equal(qkv[:, 2 * h :], want[:, 2 * h :])  # v untouched
+    assert not kernel.supported(qkv, cos.to(dtype), d, f32=True) or dtype == torch.float32

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -38,6 +37,8 @@ def _drawn_image(w: int, h: int, seed: int) -> Image.Image:
 
 
 def _encoded_video(seconds: float = 3.4, fps: int = 12, w: int = 64, h: int = 48) -> bytes:
+    import av  # PyAV only where a test encodes a video
+
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as out:
         stream = out.add_stream("mpeg4", rate=fps)

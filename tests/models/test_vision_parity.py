@@ -144,3 +144,42 @@ def test_bf16_on_gpu_tracks_float32(towers, processor):
     out = gpu(item.pixel_values.cuda(), grid.cuda()).float().cpu()
     assert gpu.dtype == torch.bfloat16 and gpu.device.type == "cuda"
     assert _close(out, ref) < 5e-2
+
+
+@torch.no_grad()
+def test_equal_images_in_one_batched_call_match_reference_and_each_alone(towers, processor):
+    """Same-sized images take the one batched SDPA call; each must still equal transformers
+    and its own single-image run."""
+    hf, ours = towers
+    items = [processor.preprocess_image(_image(112, 168, 20 + i)) for i in range(3)]
+    pixels = torch.cat([it.pixel_values for it in items])
+    grid = torch.tensor([it.grid_thw for it in items])
+    together = ours(pixels, grid)
+    assert _close(together, hf.visual(pixels, grid_thw=grid).pooler_output) < TOL
+    n = items[0].num_tokens
+    for i, it in enumerate(items):
+        alone = ours(it.pixel_values, torch.tensor([it.grid_thw]))
+        assert _close(together[i * n : (i + 1) * n], alone) < 1e-5
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_kernels_equal_the_torch_ops_in_bf16(towers, processor, monkeypatch):
+    """The Triton rotary / norm / SiLU kernels and the batched attention against the same
+    tower with Triton off, on equal and mixed image sizes."""
+    from kernels import dispatch
+
+    _, ours = towers
+    gpu = VisionTower(ours.cfg).to("cuda", torch.bfloat16)
+    gpu.load_state_dict(ours.state_dict())
+    sizes = [[(112, 168)] * 3, [(112, 168), (200, 140)]]
+    for shape in sizes:
+        items = [processor.preprocess_image(_image(h, w, i)) for i, (h, w) in enumerate(shape)]
+        pixels = torch.cat([it.pixel_values for it in items]).cuda()
+        grid = torch.tensor([it.grid_thw for it in items]).cuda()
+        fast = gpu(pixels, grid).float()
+        monkeypatch.setattr(dispatch, "TRITON_DISABLED", True)
+        plain = gpu(pixels, grid).float()
+        monkeypatch.setattr(dispatch, "TRITON_DISABLED", False)
+        assert _close(fast, plain) < 2e-2
+        assert not torch.equal(fast, torch.zeros_like(fast))

@@ -1,0 +1,287 @@
+"""Fused routed experts for decode-sized batches: slot alignment plus two Triton GEMM kernels.
+
+Contract: ``fused_experts(x, w13, w2, route_weights, route_ids, expert_start, foreign_slots)``
+takes ``x [T, H]``, ``w13 [E_local, 2I, H]`` (gate rows then up rows), ``w2 [E_local, H, I]``
+(all one dtype: bf16, fp16 or fp32, unit stride on the last dim), ``route_weights [T, K]``
+float32 and ``route_ids [T, K]`` int64 *global* expert ids, and returns the float32 ``[T, H]``
+sum over k of ``weight[t, k] * w2[e] @ (silu(g) * u)`` with ``g | u = w13[e] @ x[t]`` and
+``e = ids[t, k] - expert_start``; slots whose expert lies outside ``[0, E_local)`` add zero (pass
+``foreign_slots=False`` only when none can). ``models.layers.moe.experts_reference`` is the torch
+definition it is tested against; it differs by rounding only: both GEMMs accumulate in float32,
+``h = silu(g) * u`` is rounded once to the weights' dtype and the routed output stays float32.
+``supported(x, w13, w2, num_slots)`` says whether these operands fit (``num_slots = T * K <=
+MAX_SLOTS``); the caller picks the path.
+
+Steps, none of which reads a device value on the host (the whole call can be captured in a CUDA
+graph):
+1. ``align_slots`` (torch ops): the ``T*K`` flat slots ``t*K + k`` sorted by local expert, each
+   expert's group padded to a multiple of ``BLOCK_M`` with the sentinel ``T*K``, into a static
+   ``max_padded_rows`` buffer; ``block_expert`` names each row block's expert and ``num_padded``
+   (a device scalar) how many rows are in use.
+2. ``_gate_up_kernel``, grid (row blocks, I tiles): gathers the block's token rows of ``x``,
+   multiplies them by the expert's gate and up tiles at once and stores ``silu(g) * u`` into
+   ``h [max_padded, I]``; blocks at or past ``num_padded`` exit at once, sentinel rows are skipped.
+3. ``_down_kernel``, grid (row blocks, H tiles): ``h`` rows times ``w2[expert]``, scaled by each
+   slot's float32 routing weight and stored at the slot's own row of ``y [T*K, H]`` float32 (each
+   slot has one writer: no atomics, the result is deterministic); ``y.view(T, K, H).sum(1)``.
+Tile sizes are constexprs picked from ``T*K`` by ``_tile_configs`` (an untuned starting table).
+Needs Triton; on CPU it runs only under ``TRITON_INTERPRET=1`` (the tests).
+
+What does not belong here: routing, the path choice (``models/layers/moe.py``), FP8 weights
+(they keep ``kernels/moe_grouped_gemm.py``'s scaled grouped GEMM), prefill-sized batches.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+try:  # optional: a CPU-only install may lack it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+BLOCK_M = 16  # rows per block: the smallest tl.dot M, since a decode expert sees a few rows
+# Larger batches keep the grouped GEMM: at 4096 slots each of 128 experts holds ~32 rows, where
+# 16-row blocks still stream every weight tile about once (a block's neighbours share it in L2);
+# past that the GEMMs turn compute-bound and 16-row mma tiles lose to grouped_mm's larger ones.
+MAX_SLOTS = 4096
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class AlignedSlots(NamedTuple):
+    sorted_slot_ids: torch.Tensor  # [max_padded] int64 slot t*K+k by local expert; T*K pads
+    block_expert: torch.Tensor  # [max_padded // BLOCK_M] int32 local expert; E_local if unused
+    num_padded: torch.Tensor  # [1] int64 rows in use: sum of the padded group sizes
+
+
+class TileConfig(NamedTuple):
+    block_n: int  # output columns per program (gate/up: columns of each of the two tiles)
+    block_k: int  # reduction step
+    num_stages: int  # software pipeline depth of the weight loads
+    num_warps: int
+
+
+def max_padded_rows(num_slots: int, num_experts: int) -> int:
+    """Static bound on the aligned rows: at most min(E, slots) groups each add < BLOCK_M pads."""
+    rows = num_slots + min(num_experts, num_slots) * (BLOCK_M - 1)
+    return -(-rows // BLOCK_M) * BLOCK_M
+
+
+def align_slots(
+    ids: torch.Tensor,  # [T, K] int64 global expert ids
+    num_experts: int,  # E_local
+    expert_start: int = 0,
+    foreign_slots: bool = True,  # False only when every id is a local expert
+    edges: torch.Tensor | None = None,  # [E_local + 1] int64 0..E_local, reused across calls
+) -> AlignedSlots:
+    num_slots, e = ids.numel(), num_experts
+    rows = max_padded_rows(num_slots, e)
+    local = ids.reshape(-1)  # [S]
+    if expert_start:
+        local = local - expert_start
+    if foreign_slots:
+        # -1 and E both become E under the modulo: other ranks' experts sort after every group
+        local = local.clamp(-1, e).remainder_(e + 1)
+    # stable: within an expert the slots keep token order, as the reference adds them
+    keys, order = local.sort(stable=True)  # [S], [S]
+    if edges is None:
+        edges = torch.arange(e + 1, device=ids.device)
+    starts = torch.searchsorted(keys, edges)  # [E+1] first sorted row of each expert; [E]: end
+    # round each group up to a multiple of BLOCK_M (a power of two)
+    padded = (starts[1:] - starts[:-1] + (BLOCK_M - 1)).bitwise_and_(-BLOCK_M)  # [E]
+    padded_starts = torch.nn.functional.pad(padded, (1, 0)).cumsum_(0)  # [E+1]; [E]: rows used
+    # sorted row p of expert e lands at padded_starts[e] + (p - starts[e]); foreign slots (key E)
+    # land in [num_padded, num_padded + foreign) < rows, distinct, and are written as sentinels
+    dest = torch.arange(num_slots, device=ids.device) + (padded_starts - starts)[keys]
+    if foreign_slots:
+        order = torch.where(keys < e, order, num_slots)
+    slot_ids = torch.full((rows,), num_slots, dtype=torch.int64, device=ids.device)
+    slot_ids.scatter_(0, dest, order)
+    block_rows = torch.arange(0, rows, BLOCK_M, device=ids.device)
+    # a block's expert = how many padded groups end at or before its first row (E: past them all)
+    block_expert = torch.searchsorted(padded_starts[1:], block_rows, right=True, out_int32=True)
+    return AlignedSlots(slot_ids, block_expert, padded_starts[e:])
+
+
+def supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_slots: int) -> bool:
+    """True when the kernels handle these operands and the batch is decode-sized."""
+    if triton is None or x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        return False
+    e, two_i, h = w13.shape
+    return (
+        x.dtype in DTYPES
+        and w13.dtype == w2.dtype == x.dtype
+        and x.shape[1] == h
+        and two_i % 2 == 0
+        and w2.shape == (e, h, two_i // 2)
+        and w13.stride(-1) == 1
+        and w2.stride(-1) == 1
+        and 0 < num_slots <= MAX_SLOTS
+    )
+
+
+def _tile_configs(num_slots: int) -> tuple[TileConfig, TileConfig]:  # (gate/up, down)
+    # NOTE: a starting table, not tuned on hardware. Decode is weight-bandwidth bound, so what
+    # matters is enough programs in flight: a few row blocks need narrow tiles to fill the SMs
+    # (a gate/up program already streams 2 * block_n weight rows).
+    if num_slots <= 64:
+        return TileConfig(32, 128, 4, 4), TileConfig(64, 128, 4, 4)
+    if num_slots <= 1024:
+        return TileConfig(64, 128, 3, 4), TileConfig(128, 128, 3, 4)
+    return TileConfig(128, 64, 3, 4), TileConfig(128, 64, 4, 4)
+
+
+def _fit(cfg: TileConfig, n: int, k: int) -> tuple[int, int]:  # (block_n, block_k)
+    # tiles no wider than the problem (small test shapes); 16 is tl.dot's minimum
+    block_n = min(cfg.block_n, max(16, triton.next_power_of_2(n)))
+    return block_n, min(cfg.block_k, max(16, triton.next_power_of_2(k)))
+
+
+def fused_experts(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E_local, 2I, H] x.dtype
+    w2: torch.Tensor,  # [E_local, H, I] x.dtype
+    route_weights: torch.Tensor,  # [T, K] float32
+    route_ids: torch.Tensor,  # [T, K] int64 global expert ids
+    expert_start: int = 0,
+    foreign_slots: bool = True,  # False only when every routed id is a local expert
+    edges: torch.Tensor | None = None,  # [E_local + 1] int64 0..E_local, reused across calls
+) -> torch.Tensor:  # [T, H] float32
+    t, k = route_ids.shape
+    e, two_i, h = w13.shape
+    inter = two_i // 2
+    if triton is None:
+        raise RuntimeError("the fused MoE kernels need triton")
+    if t == 0:
+        return torch.zeros(0, h, dtype=torch.float32, device=x.device)
+    if not supported(x, w13, w2, t * k):
+        raise ValueError(
+            f"fused MoE: x {tuple(x.shape)} {x.dtype}, w13 {tuple(w13.shape)} {w13.dtype}, "
+            f"w2 {tuple(w2.shape)} {w2.dtype}, {t * k} slots (one dtype, <= {MAX_SLOTS} slots)"
+        )
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    slots = t * k
+    aligned = align_slots(route_ids, e, expert_start, foreign_slots, edges)
+    rows = aligned.sorted_slot_ids.numel()
+    blocks = rows // BLOCK_M
+    up_cfg, down_cfg = _tile_configs(slots)
+    # fp32 (the tests' exact path) must not round through TF32; half types take the default
+    precision = "ieee" if x.dtype == torch.float32 else None
+
+    hidden_act = x.new_empty(rows, inter)  # [max_padded, I]; sentinel rows never written
+    # row blocks on grid axis 0 (launched first): an expert's blocks run side by side, so each
+    # weight tile comes from HBM once and the other blocks find it in L2
+    bn, bk = _fit(up_cfg, inter, h)
+    _gate_up_kernel[(blocks, triton.cdiv(inter, bn))](
+        x, w13, hidden_act, aligned.sorted_slot_ids, aligned.block_expert, aligned.num_padded,
+        slots, inter, h,
+        x.stride(0), w13.stride(0), w13.stride(1), hidden_act.stride(0),
+        TOP_K=k, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=h % bk == 0,
+        PRECISION=precision, num_stages=up_cfg.num_stages, num_warps=up_cfg.num_warps,
+    )  # fmt: skip
+
+    # every local slot gets its row written; foreign slots' rows must read as zero
+    y = (torch.zeros if foreign_slots else torch.empty)(
+        slots, h, dtype=torch.float32, device=x.device
+    )  # [T*K, H]
+    weights = route_weights.reshape(-1).contiguous()  # [T*K] float32
+    bn, bk = _fit(down_cfg, h, inter)
+    _down_kernel[(blocks, triton.cdiv(h, bn))](
+        hidden_act, w2, y, weights, aligned.sorted_slot_ids, aligned.block_expert,
+        aligned.num_padded,
+        slots, h, inter,
+        hidden_act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0,
+        PRECISION=precision, num_stages=down_cfg.num_stages, num_warps=down_cfg.num_warps,
+    )  # fmt: skip
+    return y.view(t, k, h).sum(1)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gate_up_kernel(
+        x_ptr, w_ptr, h_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
+        num_slots, inter, hidden,
+        stride_x, stride_we, stride_wn, stride_h,
+        TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        block = tl.program_id(0)
+        if block * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(block_expert_ptr + block).to(tl.int64)
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        slots = tl.load(slot_ptr + rows)  # [BLOCK_M] int64
+        real = slots < num_slots
+        tokens = slots // TOP_K
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        # wrapped columns keep the weight loads unmasked; the store drops them
+        wcols = cols % inter
+        ks = tl.arange(0, BLOCK_K)
+        x_ptrs = x_ptr + tokens[:, None] * stride_x + ks[None, :]  # [BLOCK_M, BLOCK_K]
+        gate_ptrs = w_ptr + expert * stride_we + wcols[None, :] * stride_wn + ks[:, None]
+        up_ptrs = gate_ptrs + inter * stride_wn  # up row n sits I rows below gate row n
+        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(hidden, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(x_ptrs, mask=real[:, None], other=0.0)
+                g = tl.load(gate_ptrs)
+                u = tl.load(up_ptrs)
+            else:
+                left = hidden - kk * BLOCK_K
+                a = tl.load(x_ptrs, mask=real[:, None] & (ks[None, :] < left), other=0.0)
+                g = tl.load(gate_ptrs, mask=ks[:, None] < left, other=0.0)
+                u = tl.load(up_ptrs, mask=ks[:, None] < left, other=0.0)
+            acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
+            acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
+            x_ptrs += BLOCK_K
+            gate_ptrs += BLOCK_K
+            up_ptrs += BLOCK_K
+        act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(g) * u in float32, rounded once
+        out_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
+        keep = real[:, None] & (cols[None, :] < inter)
+        tl.store(out_ptrs, act.to(h_ptr.dtype.element_ty), mask=keep)
+
+    @triton.jit
+    def _down_kernel(
+        h_ptr, w_ptr, y_ptr, route_w_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
+        num_slots, hidden, inter,
+        stride_h, stride_we, stride_wn, stride_y,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        block = tl.program_id(0)
+        if block * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+        expert = tl.load(block_expert_ptr + block).to(tl.int64)
+        rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        slots = tl.load(slot_ptr + rows)  # [BLOCK_M] int64
+        real = slots < num_slots
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        wcols = cols % hidden
+        ks = tl.arange(0, BLOCK_K)
+        # sentinel rows of h were never written: masked, so their garbage cannot be NaN here
+        h_ptrs = h_ptr + rows[:, None] * stride_h + ks[None, :]  # [BLOCK_M, BLOCK_K]
+        w_ptrs = w_ptr + expert * stride_we + wcols[None, :] * stride_wn + ks[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kk in range(0, tl.cdiv(inter, BLOCK_K)):
+            if EVEN_K:
+                a = tl.load(h_ptrs, mask=real[:, None], other=0.0)
+                b = tl.load(w_ptrs)
+            else:
+                left = inter - kk * BLOCK_K
+                a = tl.load(h_ptrs, mask=real[:, None] & (ks[None, :] < left), other=0.0)
+                b = tl.load(w_ptrs, mask=ks[:, None] < left, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+            h_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        weight = tl.load(route_w_ptr + slots, mask=real, other=0.0)  # [BLOCK_M] float32
+        acc = acc * weight[:, None]
+        out_ptrs = y_ptr + slots[:, None] * stride_y + cols[None, :]
+        tl.store(out_ptrs, acc, mask=real[:, None] & (cols[None, :] < hidden))
