@@ -93,7 +93,9 @@ def main() -> None:
         t_hf = timed(lambda p=pixels, g=grid: ref(p, grid_thw=g), a.iters)
         if a.profile:
             profile_forward("glimpse", lambda p=pixels, g=grid: ours(p, g), batch, a.profile)
-            profile_forward("transformers", lambda p=pixels, g=grid: ref(p, grid_thw=g), batch, a.profile)
+            profile_forward(
+                "transformers", lambda p=pixels, g=grid: ref(p, grid_thw=g), batch, a.profile
+            )
         rows.append(
             {
                 "batch": batch,

@@ -12,6 +12,14 @@ definition it is tested against; it differs by rounding only: both GEMMs accumul
 ``supported(x, w13, w2, num_slots)`` says whether these operands fit (``num_slots = T * K <=
 MAX_SLOTS``); the caller picks the path.
 
+FP8 weights: with ``w13_scale [E_local, 2I, 1]`` / ``w2_scale [E_local, H, 1]`` float32 (one scale
+per output row), ``w13`` / ``w2`` hold ``float8_e4m3fn`` codes and ``x`` is bf16 or fp16. The
+kernels read the codes (half the bytes of bf16: decode is bound by them), widen each tile to
+``x.dtype`` for the tensor cores, and scale the float32 accumulators per output row, so the
+result is that of the dequantised weights ``w.float() * scale`` with unquantised activations.
+There is no slot limit: prefill-sized FP8 batches take the same kernels with 64-row blocks
+(``supported(..., fp8=True)``).
+
 Steps, none of which reads a device value on the host (the whole call can be captured in a CUDA
 graph):
 1. ``align_slots`` (torch ops): the ``T*K`` flat slots ``t*K + k`` sorted by local expert, each
@@ -27,8 +35,8 @@ graph):
 Tile sizes are constexprs picked from ``T*K`` by ``_tile_configs`` (an untuned starting table).
 Needs Triton; on CPU it runs only under ``TRITON_INTERPRET=1`` (the tests).
 
-What does not belong here: routing, the path choice (``models/layers/moe.py``), FP8 weights
-(they keep ``kernels/moe_grouped_gemm.py``'s scaled grouped GEMM), prefill-sized batches.
+What does not belong here: routing, the path choice (``models/layers/moe.py``), prefill-sized
+bf16 batches (``torch._grouped_mm`` runs them at the roofline).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ BLOCK_M = 16  # rows per block: the smallest tl.dot M, since a decode expert see
 # past that the GEMMs turn compute-bound and 16-row mma tiles lose to grouped_mm's larger ones.
 MAX_SLOTS = 4096
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8_DTYPE = torch.float8_e4m3fn
 
 
 class AlignedSlots(NamedTuple):
@@ -64,10 +73,10 @@ class TileConfig(NamedTuple):
     num_warps: int
 
 
-def max_padded_rows(num_slots: int, num_experts: int) -> int:
-    """Static bound on the aligned rows: at most min(E, slots) groups each add < BLOCK_M pads."""
-    rows = num_slots + min(num_experts, num_slots) * (BLOCK_M - 1)
-    return -(-rows // BLOCK_M) * BLOCK_M
+def max_padded_rows(num_slots: int, num_experts: int, block_m: int = BLOCK_M) -> int:
+    """Static bound on the aligned rows: at most min(E, slots) groups each add < block_m pads."""
+    rows = num_slots + min(num_experts, num_slots) * (block_m - 1)
+    return -(-rows // block_m) * block_m
 
 
 def align_slots(
@@ -76,9 +85,10 @@ def align_slots(
     expert_start: int = 0,
     foreign_slots: bool = True,  # False only when every id is a local expert
     edges: torch.Tensor | None = None,  # [E_local + 1] int64 0..E_local, reused across calls
+    block_m: int = BLOCK_M,  # rows per block, a power of two
 ) -> AlignedSlots:
     num_slots, e = ids.numel(), num_experts
-    rows = max_padded_rows(num_slots, e)
+    rows = max_padded_rows(num_slots, e, block_m)
     local = ids.reshape(-1)  # [S]
     if expert_start:
         local = local - expert_start
@@ -90,8 +100,8 @@ def align_slots(
     if edges is None:
         edges = torch.arange(e + 1, device=ids.device)
     starts = torch.searchsorted(keys, edges)  # [E+1] first sorted row of each expert; [E]: end
-    # round each group up to a multiple of BLOCK_M (a power of two)
-    padded = (starts[1:] - starts[:-1] + (BLOCK_M - 1)).bitwise_and_(-BLOCK_M)  # [E]
+    # round each group up to a multiple of block_m (a power of two)
+    padded = (starts[1:] - starts[:-1] + (block_m - 1)).bitwise_and_(-block_m)  # [E]
     padded_starts = torch.nn.functional.pad(padded, (1, 0)).cumsum_(0)  # [E+1]; [E]: rows used
     # sorted row p of expert e lands at padded_starts[e] + (p - starts[e]); foreign slots (key E)
     # land in [num_padded, num_padded + foreign) < rows, distinct, and are written as sentinels
@@ -100,38 +110,57 @@ def align_slots(
         order = torch.where(keys < e, order, num_slots)
     slot_ids = torch.full((rows,), num_slots, dtype=torch.int64, device=ids.device)
     slot_ids.scatter_(0, dest, order)
-    block_rows = torch.arange(0, rows, BLOCK_M, device=ids.device)
+    block_rows = torch.arange(0, rows, block_m, device=ids.device)
     # a block's expert = how many padded groups end at or before its first row (E: past them all)
     block_expert = torch.searchsorted(padded_starts[1:], block_rows, right=True, out_int32=True)
     return AlignedSlots(slot_ids, block_expert, padded_starts[e:])
 
 
-def supported(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_slots: int) -> bool:
-    """True when the kernels handle these operands and the batch is decode-sized."""
+def supported(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, fp8: bool = False
+) -> bool:
+    """True when the kernels handle these operands: a decode-sized batch, or FP8 weights
+    (``fp8``: codes with per-row scales) at any size."""
     if triton is None or x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
         return False
     e, two_i, h = w13.shape
+    if fp8:
+        dtypes_ok = (
+            x.dtype in (torch.bfloat16, torch.float16) and w13.dtype == w2.dtype == FP8_DTYPE
+        )
+    else:
+        dtypes_ok = x.dtype in DTYPES and w13.dtype == w2.dtype == x.dtype
     return (
-        x.dtype in DTYPES
-        and w13.dtype == w2.dtype == x.dtype
+        dtypes_ok
         and x.shape[1] == h
         and two_i % 2 == 0
         and w2.shape == (e, h, two_i // 2)
         and w13.stride(-1) == 1
         and w2.stride(-1) == 1
-        and 0 < num_slots <= MAX_SLOTS
+        and 0 < num_slots
+        and (fp8 or num_slots <= MAX_SLOTS)
     )
 
 
-def _tile_configs(num_slots: int) -> tuple[TileConfig, TileConfig]:  # (gate/up, down)
-    # NOTE: a starting table, not tuned on hardware. Decode is weight-bandwidth bound, so what
-    # matters is enough programs in flight: a few row blocks need narrow tiles to fill the SMs
-    # (a gate/up program already streams 2 * block_n weight rows).
+def _block_m(num_slots: int) -> int:
+    # decode: 16-row blocks (an expert sees a few rows); prefill (FP8 only reaches here past
+    # MAX_SLOTS): 64-row blocks, so each weight tile feeds 4x the rows per read
+    return BLOCK_M if num_slots <= MAX_SLOTS else 64
+
+
+def _tile_configs(num_slots: int, fp8: bool = False) -> tuple[TileConfig, TileConfig]:
+    # NOTE: a starting table (the decode rows measured on an H200, the rest not tuned). Decode is
+    # weight-bandwidth bound, so what matters is enough programs in flight: a few row blocks need
+    # narrow tiles to fill the SMs (a gate/up program already streams 2 * block_n weight rows).
+    # (gate/up, down). FP8 codes are half the bytes: twice the reduction step per load.
     if num_slots <= 64:
-        return TileConfig(32, 128, 4, 4), TileConfig(64, 128, 4, 4)
+        bk = 256 if fp8 else 128
+        return TileConfig(32, bk, 4, 4), TileConfig(64, bk, 4, 4)
     if num_slots <= 1024:
         return TileConfig(64, 128, 3, 4), TileConfig(128, 128, 3, 4)
-    return TileConfig(128, 64, 3, 4), TileConfig(128, 64, 4, 4)
+    if num_slots <= MAX_SLOTS:
+        return TileConfig(128, 64, 3, 4), TileConfig(128, 64, 4, 4)
+    return TileConfig(64, 64, 3, 8), TileConfig(128, 64, 3, 8)
 
 
 def _fit(cfg: TileConfig, n: int, k: int) -> tuple[int, int]:  # (block_n, block_k)
@@ -149,26 +178,35 @@ def fused_experts(
     expert_start: int = 0,
     foreign_slots: bool = True,  # False only when every routed id is a local expert
     edges: torch.Tensor | None = None,  # [E_local + 1] int64 0..E_local, reused across calls
+    w13_scale: torch.Tensor | None = None,  # [E_local, 2I, 1] float32 with FP8 w13
+    w2_scale: torch.Tensor | None = None,  # [E_local, H, 1] float32 with FP8 w2
 ) -> torch.Tensor:  # [T, H] float32
     t, k = route_ids.shape
+    fp8 = w13_scale is not None
     e, two_i, h = w13.shape
     inter = two_i // 2
     if triton is None:
         raise RuntimeError("the fused MoE kernels need triton")
     if t == 0:
         return torch.zeros(0, h, dtype=torch.float32, device=x.device)
-    if not supported(x, w13, w2, t * k):
+    if not supported(x, w13, w2, t * k, fp8) or fp8 != (w2_scale is not None):
         raise ValueError(
             f"fused MoE: x {tuple(x.shape)} {x.dtype}, w13 {tuple(w13.shape)} {w13.dtype}, "
-            f"w2 {tuple(w2.shape)} {w2.dtype}, {t * k} slots (one dtype, <= {MAX_SLOTS} slots)"
+            f"w2 {tuple(w2.shape)} {w2.dtype}, {t * k} slots (one dtype and <= {MAX_SLOTS} "
+            "slots, or FP8 codes with both scales)"
         )
+    if fp8:
+        s13, s2 = w13_scale.reshape(e, two_i), w2_scale.reshape(e, h)  # one scale per row
+    else:
+        s13, s2 = w13, w2  # never read (HAS_SCALE is off)
     if x.stride(1) != 1:
         x = x.contiguous()
     slots = t * k
-    aligned = align_slots(route_ids, e, expert_start, foreign_slots, edges)
+    block_m = _block_m(slots)
+    aligned = align_slots(route_ids, e, expert_start, foreign_slots, edges, block_m)
     rows = aligned.sorted_slot_ids.numel()
-    blocks = rows // BLOCK_M
-    up_cfg, down_cfg = _tile_configs(slots)
+    blocks = rows // block_m
+    up_cfg, down_cfg = _tile_configs(slots, fp8)
     # fp32 (the tests' exact path) must not round through TF32; half types take the default
     precision = "ieee" if x.dtype == torch.float32 else None
 
@@ -177,10 +215,11 @@ def fused_experts(
     # weight tile comes from HBM once and the other blocks find it in L2
     bn, bk = _fit(up_cfg, inter, h)
     _gate_up_kernel[(blocks, triton.cdiv(inter, bn))](
-        x, w13, hidden_act, aligned.sorted_slot_ids, aligned.block_expert, aligned.num_padded,
+        x, w13, s13, hidden_act, aligned.sorted_slot_ids, aligned.block_expert,
+        aligned.num_padded,
         slots, inter, h,
-        x.stride(0), w13.stride(0), w13.stride(1), hidden_act.stride(0),
-        TOP_K=k, BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=h % bk == 0,
+        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), hidden_act.stride(0),
+        TOP_K=k, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=h % bk == 0, HAS_SCALE=fp8,
         PRECISION=precision, num_stages=up_cfg.num_stages, num_warps=up_cfg.num_warps,
     )  # fmt: skip
 
@@ -191,11 +230,11 @@ def fused_experts(
     weights = route_weights.reshape(-1).contiguous()  # [T*K] float32
     bn, bk = _fit(down_cfg, h, inter)
     _down_kernel[(blocks, triton.cdiv(h, bn))](
-        hidden_act, w2, y, weights, aligned.sorted_slot_ids, aligned.block_expert,
+        hidden_act, w2, s2, y, weights, aligned.sorted_slot_ids, aligned.block_expert,
         aligned.num_padded,
         slots, h, inter,
-        hidden_act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0,
+        hidden_act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), y.stride(0),
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, HAS_SCALE=fp8,
         PRECISION=precision, num_stages=down_cfg.num_stages, num_warps=down_cfg.num_warps,
     )  # fmt: skip
     return y.view(t, k, h).sum(1)
@@ -205,11 +244,12 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(
-        x_ptr, w_ptr, h_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
+        x_ptr, w_ptr, s_ptr, h_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
         num_slots, inter, hidden,
-        stride_x, stride_we, stride_wn, stride_h,
+        stride_x, stride_we, stride_wn, stride_se, stride_h,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         if block * BLOCK_M >= tl.load(num_padded_ptr):
@@ -238,11 +278,18 @@ if triton is not None:
                 a = tl.load(x_ptrs, mask=real[:, None] & (ks[None, :] < left), other=0.0)
                 g = tl.load(gate_ptrs, mask=ks[:, None] < left, other=0.0)
                 u = tl.load(up_ptrs, mask=ks[:, None] < left, other=0.0)
+            if HAS_SCALE:  # FP8 codes: widen for the tensor cores, scale the sums below
+                g = g.to(a.dtype)
+                u = u.to(a.dtype)
             acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
             acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
             x_ptrs += BLOCK_K
             gate_ptrs += BLOCK_K
             up_ptrs += BLOCK_K
+        if HAS_SCALE:
+            scales = s_ptr + expert * stride_se + wcols
+            acc_gate = acc_gate * tl.load(scales)[None, :]
+            acc_up = acc_up * tl.load(scales + inter)[None, :]
         act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(g) * u in float32, rounded once
         out_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
         keep = real[:, None] & (cols[None, :] < inter)
@@ -250,11 +297,11 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(
-        h_ptr, w_ptr, y_ptr, route_w_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
+        h_ptr, w_ptr, s_ptr, y_ptr, route_w_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
         num_slots, hidden, inter,
-        stride_h, stride_we, stride_wn, stride_y,
+        stride_h, stride_we, stride_wn, stride_se, stride_y,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         if block * BLOCK_M >= tl.load(num_padded_ptr):
@@ -278,10 +325,14 @@ if triton is not None:
                 left = inter - kk * BLOCK_K
                 a = tl.load(h_ptrs, mask=real[:, None] & (ks[None, :] < left), other=0.0)
                 b = tl.load(w_ptrs, mask=ks[:, None] < left, other=0.0)
+            if HAS_SCALE:
+                b = b.to(a.dtype)
             acc = tl.dot(a, b, acc, input_precision=PRECISION)
             h_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         weight = tl.load(route_w_ptr + slots, mask=real, other=0.0)  # [BLOCK_M] float32
         acc = acc * weight[:, None]
+        if HAS_SCALE:
+            acc = acc * tl.load(s_ptr + expert * stride_se + wcols)[None, :]
         out_ptrs = y_ptr + slots[:, None] * stride_y + cols[None, :]
         tl.store(out_ptrs, acc, mask=real[:, None] & (cols[None, :] < hidden))

@@ -6,6 +6,11 @@ one video (t temporal patches); its patches are laid out by the processor in mer
 Attention is bidirectional inside one segment and never crosses segments: a segment is one image
 or one temporal patch of a video (h*w patches), so a video of t temporal patches is t segments.
 
+On CUDA at inference the rotary runs in place on the fused qkv rows (``kernels/rotary.py``'s
+float32 variant, rounded once like the torch ops), each residual add rides in the next RMSNorm
+kernel, SwiGLU's gate is one kernel, and same-sized segments (a batch of equal images) attend in
+one batched SDPA call over strided views; training and CPU keep the plain torch ops.
+
 Parameter names below ``VisionTower`` equal the checkpoint names after ``model.visual.``
 (``patch_embed.proj.weight`` [hidden, C, T, P, P], ``blocks.{i}.attn.qkv.weight``, ...), so a
 loader maps ``model.visual.X`` to ``visual.X`` without renaming.

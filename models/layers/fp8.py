@@ -11,8 +11,10 @@ Contract: a weight ``w [..., N, K]`` is held as codes ``q`` (``float8_e4m3fn``, 
   layers) or copies whole (row layers keep every output row).
 - ``Fp8MoEMethod().create_weights(moe)`` does the same for ``FusedMoE``: ``w13_weight_scale
   [E, 2I, 1]``, ``w2_weight_scale [E, H, 1]``, sharded like the rows of their weights.
-- ``fp8_linear(x, q, scale, bias)``: on CUDA, when ``torch._scaled_mm`` with row-wise scales
-  probes correct for the device and dtype, activations are quantised per token
+- ``fp8_linear(x, q, scale, bias)``: on CUDA, decode-sized batches (``kernels/fp8_gemv.py``'s
+  ``MAX_ROWS``) run the W8A16 Triton kernel (codes widened in-kernel, activations unquantised);
+  larger ones, when ``torch._scaled_mm`` with row-wise scales probes correct for the device and
+  dtype, have their activations quantised per token
   (``kernels/quant_fp8.py``) and one FP8 GEMM runs; otherwise (CPU, older builds) the weight is
   dequantised to ``x.dtype`` and a plain GEMM runs.
 - ``convert_to_fp8(module)`` applies both methods to every parallel linear and fused-expert layer
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import fp8_gemv
 from kernels.dispatch import triton_enabled
 from kernels.quant_fp8 import (
     AMAX_FLOOR,
@@ -92,7 +95,9 @@ def fp8_linear(
 ) -> torch.Tensor:  # [T, N] x.dtype
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if x2.shape[0] > 0 and scaled_mm_supported(x2, q):
+    if triton_enabled(x2) and fp8_gemv.supported(x2, q):
+        y = fp8_gemv.w8a16_linear(x2, q, scale, bias)
+    elif x2.shape[0] > 0 and scaled_mm_supported(x2, q):
         xq = quantize_activations(x2)
         # NOTE: bias is added separately: row-wise scaled GEMMs accept a bias only in some
         # builds and dtypes, and one elementwise add is cheap next to the GEMM.

@@ -10,19 +10,19 @@ Contract:
 - ``FusedMoE(x, router_out) -> [T, H]`` float32 *partial* sum of the routed experts held by this
   rank; the caller adds the shared expert and does the one all-reduce. The experts run through
   ``experts_grouped``, which picks one of two paths, neither reading a device value on the host
-  (both CUDA-graph safe): decode-sized batches (``T*K <= kernels.fused_moe.MAX_SLOTS``) with
-  bf16/fp16 weights on CUDA, unless ``kernels.dispatch`` says no, take the Triton kernels of
-  ``kernels/fused_moe.py`` (slots aligned to 16-row expert blocks, gate/up GEMM with the SiLU-mul
-  fused, down GEMM with the routing weight fused, a sum over k); everything else (CPU, float32,
-  FP8, prefill-sized batches) sorts the slots once, runs two grouped GEMMs and combines with one
-  ``index_add_``. ``experts_reference`` is the per-expert loop both must match. Weights are
+  (both CUDA-graph safe): on CUDA, unless ``kernels.dispatch`` says no, decode-sized batches
+  (``T*K <= kernels.fused_moe.MAX_SLOTS``) with bf16/fp16 weights and FP8 weights at any size
+  take the Triton kernels of ``kernels/fused_moe.py`` (slots aligned to expert row blocks,
+  gate/up GEMM with the SiLU-mul fused, down GEMM with the routing weight fused, a sum over k);
+  everything else (CPU, float32, bf16 prefill-sized batches) sorts the slots once, runs two
+  grouped GEMMs and combines with one ``index_add_``. ``experts_reference`` is the per-expert loop both must match. Weights are
   stacked: ``w13_weight [E_local, 2*I_local, H]`` (gate rows then up rows) and ``w2_weight
   [E_local, H, I_local]``; ``weight_loader(param, loaded, shard_id "w1"|"w3"|"w2", expert_id)``
   takes one checkpoint expert tensor. Sharding: expert parallel keeps whole experts
   ``[rank*E/ws, (rank+1)*E/ws)``; tensor parallel keeps every expert's slice of the
   intermediate dim. In FP8 (``models/layers/fp8.py``, ``Fp8MoEMethod``) both weights hold
   ``float8_e4m3fn`` codes beside ``w13_weight_scale [E_local, 2I, 1]`` / ``w2_weight_scale
-  [E_local, H, 1]`` float32, and the GEMMs are ``scaled_grouped_mm``.
+  [E_local, H, 1]`` float32; off the kernels the GEMMs are ``scaled_grouped_mm``.
 
 What does not belong here: the shared expert (a dense MLP in the model), FP8 weight creation
 and loading (fp8.py), the expert kernels themselves (``kernels/``).
@@ -212,8 +212,9 @@ def experts_grouped(
         use_triton = _triton_path(x, w13, w2, t * k, w13_scale)
     if use_triton:
         return fused_moe.fused_experts(
-            x, w13, w2, route.weights, route.ids, expert_start, foreign_slots, edges=bounds
-        )
+            x, w13, w2, route.weights, route.ids, expert_start, foreign_slots, edges=bounds,
+            w13_scale=w13_scale, w2_scale=w2_scale,
+        )  # fmt: skip
     out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
     local = route.ids.reshape(-1) - expert_start  # [T*K]
     if foreign_slots:
@@ -239,14 +240,14 @@ def _triton_path(
     num_slots: int,  # T*K
     w13_scale: torch.Tensor | None,
 ) -> bool:
-    # float32 stays on exact GEMMs (the kernels would run fp32 without tensor cores) and FP8 on
-    # scaled_grouped_mm; prefill-sized batches are past MAX_SLOTS, where grouped_mm's large
-    # tiles win
+    # float32 stays on exact GEMMs (the kernels would run fp32 without tensor cores); bf16
+    # prefill-sized batches are past MAX_SLOTS, where grouped_mm's large tiles win; FP8 weights
+    # take the kernels at every size (they read the codes; the scaled grouped GEMM needs
+    # quantised activations and a torch build that has it)
     return (
-        w13_scale is None
-        and x.dtype in (torch.bfloat16, torch.float16)
+        x.dtype in (torch.bfloat16, torch.float16)
         and triton_enabled(x)
-        and fused_moe.supported(x, w13, w2, num_slots)
+        and fused_moe.supported(x, w13, w2, num_slots, fp8=w13_scale is not None)
     )
 
 

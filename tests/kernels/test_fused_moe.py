@@ -248,7 +248,9 @@ def test_glm45_air_widths_match_the_loop(tokens: int) -> None:
     w13, w2 = _air_experts(seed=1)
     x, route = _air_batch(tokens, seed=tokens)
     got = fused_moe.fused_experts(x, w13, w2, route.weights, route.ids, foreign_slots=False)
-    torch.testing.assert_close(got, experts_reference(x, w13, w2, route), rtol=2e-2, atol=2e-2)
+    # h is rounded to bf16 at different points on the two paths: a near-zero output can move
+    # by a few hundredths in one of two million entries
+    torch.testing.assert_close(got, experts_reference(x, w13, w2, route), rtol=2e-2, atol=4e-2)
 
 
 @pytest.mark.gpu
@@ -287,3 +289,63 @@ def test_replays_in_a_cuda_graph() -> None:
     graph.replay()
     want = experts_reference(fresh_x, w13, w2, fresh)
     torch.testing.assert_close(captured, want, rtol=2e-2, atol=2e-2)
+
+
+def _fp8_experts(e: int, h: int, i: int, seed: int, device: str):
+    """FP8 codes with per-row scales, and the float32 weights they stand for."""
+    from models.layers.fp8 import quantize_per_channel
+
+    gen = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).to(device)
+    w2 = (torch.randn(e, h, i, generator=gen) / i**0.5).to(device)
+    (q13, s13), (q2, s2) = quantize_per_channel(w13), quantize_per_channel(w2)
+    deq13, deq2 = q13.float() * s13, q2.float() * s2
+    return (q13, s13, q2, s2), (deq13, deq2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 32, 700])  # 700 x 8 slots: past MAX_SLOTS, 64-row blocks
+def test_fp8_weights_match_the_dequantised_loop(tokens: int) -> None:
+    (q13, s13, q2, s2), (deq13, deq2) = _fp8_experts(32, 256, 128, seed=tokens, device="cuda")
+    gen = torch.Generator("cuda").manual_seed(tokens)
+    x = torch.randn(tokens, 256, generator=gen, device="cuda").bfloat16()
+    ids = torch.rand(tokens, 32, generator=gen, device="cuda").argsort(1)[:, :8].contiguous()
+    route = RouterOutput(torch.rand(tokens, 8, generator=gen, device="cuda"), ids)
+    got = experts_grouped(x, q13, q2, route, foreign_slots=False, w13_scale=s13, w2_scale=s2)
+    want = experts_reference(x.float(), deq13, deq2, route)
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    assert got.abs().max() > 0.1
+
+
+@pytest.mark.gpu
+def test_fp8_kernels_replay_in_a_cuda_graph() -> None:
+    (q13, s13, q2, s2), (deq13, deq2) = _fp8_experts(16, 128, 64, seed=9, device="cuda")
+    x = torch.randn(4, 128, device="cuda").bfloat16()
+    ids = torch.randint(0, 16, (4, 4), device="cuda")
+    route = RouterOutput(torch.rand(4, 4, device="cuda"), ids)
+    kw = {"w13_scale": s13, "w2_scale": s2}
+    experts_grouped(x, q13, q2, route, **kw)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = experts_grouped(x, q13, q2, route, **kw)
+    x.copy_(torch.randn(4, 128, device="cuda").bfloat16())
+    route.ids.copy_(torch.randint(0, 16, (4, 4), device="cuda"))
+    graph.replay()
+    want = experts_reference(x.float(), deq13, deq2, route)
+    torch.testing.assert_close(captured, want, rtol=3e-2, atol=3e-2)
+
+
+@kernel_case
+@pytest.mark.parametrize("max_slots", [fused_moe.MAX_SLOTS, 4])  # 4: the 64-row prefill blocks
+def test_fp8_weights_under_the_kernels_small(max_slots, monkeypatch) -> None:
+    monkeypatch.setattr(fused_moe, "MAX_SLOTS", max_slots)
+    (q13, s13, q2, s2), (deq13, deq2) = _fp8_experts(E, HIDDEN, INTER, seed=3, device=DEVICE)
+    route = _route(5, 2, E, seed=4, device=DEVICE)
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    got = fused_moe.fused_experts(
+        x.half(), q13, q2, route.weights, route.ids, w13_scale=s13, w2_scale=s2
+    )
+    want = experts_reference(x.half().float(), deq13, deq2, route)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert not fused_moe.supported(x.half(), q13, q2, 10)  # FP8 codes need fp8=True
+    assert fused_moe.supported(x.half(), q13, q2, 10 * max_slots, fp8=True)
