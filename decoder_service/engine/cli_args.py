@@ -127,6 +127,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         default=ex.decode_attention,
         help="auto = Triton split-K paged kernel on CUDA; sdpa = torch SDPA (no CUDA graphs)",
     )
+    g.add_argument(
+        "--overlap-outputs",
+        action="store_true",
+        default=ex.overlap_outputs,
+        help="launch the next step before detokenising this one (requests added meanwhile join "
+        "a step later)",
+    )
 
 
 def parse_mm_limits(text: str) -> MediaLimits:
@@ -170,7 +177,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         media=args.limit_mm_per_prompt,
         parallel=ParallelConfig(tp=args.tp, ep=args.tp if args.expert_parallel else args.ep),
         execution=ExecutionConfig(
-            enforce_eager=args.enforce_eager, decode_attention=args.decode_attention
+            enforce_eager=args.enforce_eager,
+            decode_attention=args.decode_attention,
+            overlap_outputs=args.overlap_outputs,
         ),
     )
 

@@ -2,9 +2,10 @@
 
 Contract: ``EngineConfig`` = ``LoadConfig`` (what to load and where) + ``CacheConfig`` (KV pool)
 + ``SchedulerConfig`` (per-step budgets) + ``MediaLimits`` (items per prompt) + ``ParallelConfig``
-(tensor/expert-parallel ranks) + ``ExecutionConfig`` (CUDA graphs, decode attention kernel). Values here are plain data; ``None`` means "derive at start-up"
-(``max_model_len`` from the checkpoint, the number of KV blocks from free GPU memory). Flag
-parsing lives in ``cli_args.py``.
+(tensor/expert-parallel ranks) + ``ExecutionConfig`` (CUDA graphs, decode attention kernel,
+overlapping outputs with the next step). Values here are plain data; ``None`` means "derive at
+start-up" (``max_model_len`` from the checkpoint, the number of KV blocks from free GPU memory).
+Flag parsing lives in ``cli_args.py``.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class ExecutionConfig:
     # "auto" = the Triton split-K paged kernel on CUDA (SDPA elsewhere); "sdpa" = always SDPA
     # (CUDA graphs need the kernel, so "sdpa" also runs eagerly)
     decode_attention: str = "auto"
+    # launch each next step before building this step's outputs (detokenising, stop strings), so
+    # the device computes while the host finishes; a request added, given its media or aborted
+    # while a step is in flight takes effect one step later (see ``LLMEngine.step``)
+    overlap_outputs: bool = False
 
     def __post_init__(self) -> None:
         if self.decode_attention not in DECODE_ATTENTION:

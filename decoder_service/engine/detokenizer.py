@@ -8,6 +8,9 @@ strings are set, text that could still turn out to be the start of a stop string
 and once a stop string appears the text is cut before it (``stop_string`` says which); nothing
 of the stop string is ever released. ``flush()`` releases what is held when the request ends
 for another reason. Works with a ``tokenizers.Tokenizer`` or a transformers fast tokenizer.
+The text itself is kept only when there are stop strings to search it for. ``single_texts``
+lets many detokenizers of one tokenizer and one ``skip_special_tokens`` setting share the decodes
+of single ids (a step's decode window is usually the one token released last step).
 """
 
 from __future__ import annotations
@@ -28,21 +31,33 @@ def backend_tokenizer(tokenizer: Any) -> Any:
 
 class IncrementalDetokenizer:
     def __init__(
-        self, tokenizer: Any, skip_special_tokens: bool = True, stop: tuple[str, ...] = ()
+        self,
+        tokenizer: Any,
+        skip_special_tokens: bool = True,
+        stop: tuple[str, ...] = (),
+        single_texts: dict[int, str] | None = None,  # id -> its decode; bounded by the vocab
     ) -> None:
         self._tok = backend_tokenizer(tokenizer)
         self._skip = skip_special_tokens
+        self._single = single_texts
         self._stop = tuple(stop)
         self._max_stop = max((len(s) for s in self._stop), default=0)
         self._ids: list[int] = []
         self._prefix_offset = 0  # decode window start (context for the next piece)
-        self._read_offset = 0  # tokens up to here are already part of ``text``
+        self._read_offset = 0  # tokens up to here are already released (or held back)
         self._window: str | None = ""  # decode of ids[prefix:read]; None = not decoded yet
-        self.text = ""  # complete text decoded so far (cut at a stop string if one matched)
-        self._released = 0  # characters of ``text`` handed out
+        # with stop strings: the text decoded so far (cut at a stop string if one matched)
+        self._text = ""
+        self._released = 0  # characters of ``_text`` handed out
         self.stop_string: str | None = None  # the stop string that matched, if any
 
     def _decode(self, ids: list[int]) -> str:
+        single = self._single
+        if single is not None and len(ids) == 1:
+            text = single.get(ids[0])
+            if text is None:
+                text = single[ids[0]] = self._tok.decode(ids, skip_special_tokens=self._skip)
+            return text
         return self._tok.decode(ids, skip_special_tokens=self._skip)
 
     def push(self, token_ids: list[int]) -> str:
@@ -50,60 +65,62 @@ class IncrementalDetokenizer:
         if self.stop_string is not None:
             return ""
         ids = self._ids
-        ids.extend(token_ids)
+        ids += token_ids
         prefix, read = self._prefix_offset, self._read_offset
-        if self._window is None:  # the window's text changes only when text is released
-            self._window = self._decode(ids[prefix:read])
         before = self._window
+        if before is None:  # the window's text changes only when text is released
+            before = self._window = self._decode(ids[prefix:read])
         after = self._decode(ids[prefix:])
         if len(after) <= len(before) or after.endswith(_REPLACEMENT):
-            return "" if not self._stop else self._release(len(self.text) - self._held_back())
+            return "" if not self._stop else self._release(len(self._text) - self._held_back())
         new_text = after[len(before) :]
         self._prefix_offset, self._read_offset, self._window = read, len(ids), None
         if not self._stop:  # nothing to hold back: everything complete is released
-            self.text += new_text
-            self._released = len(self.text)
             return new_text
-        searched_from = len(self.text)
-        self.text += new_text
+        searched_from = len(self._text)
+        self._text += new_text
         if self._cut_at_stop(searched_from):
-            return self._release(len(self.text))
-        return self._release(len(self.text) - self._held_back())
+            return self._release(len(self._text))
+        return self._release(len(self._text) - self._held_back())
 
     def flush(self) -> str:
         """Release everything still held (the request ended without a stop string)."""
+        tail = ""
         if self.stop_string is None and self._read_offset < len(self._ids):
             # Trailing bytes of an unfinished character: show them as they decode.
-            tail = self._decode(self._ids[self._prefix_offset :])
+            whole = self._decode(self._ids[self._prefix_offset :])
             head = self._decode(self._ids[self._prefix_offset : self._read_offset])
-            self.text += tail[len(head) :]
+            tail = whole[len(head) :]
             self._read_offset, self._window = len(self._ids), None
-        return self._release(len(self.text))
+        if not self._stop:
+            return tail
+        self._text += tail
+        return self._release(len(self._text))
 
     def _cut_at_stop(self, searched_from: int) -> bool:
         start = max(0, searched_from - self._max_stop + 1)
         best = None
         for s in self._stop:
-            i = self.text.find(s, start)
+            i = self._text.find(s, start)
             if i >= 0 and (best is None or i < best[0]):
                 best = (i, s)
         if best is None:
             return False
-        self.text = self.text[: best[0]]
+        self._text = self._text[: best[0]]
         self.stop_string = best[1]
         return True
 
     def _held_back(self) -> int:
-        """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
-        tail_max = min(self._max_stop - 1, len(self.text) - self._released)
+        """Length of the longest tail of ``_text`` that is a proper prefix of a stop string."""
+        tail_max = min(self._max_stop - 1, len(self._text) - self._released)
         for n in range(tail_max, 0, -1):
-            tail = self.text[-n:]
+            tail = self._text[-n:]
             if any(s.startswith(tail) for s in self._stop):
                 return n
         return 0
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self._released)
-        piece = self.text[self._released : upto]
+        piece = self._text[self._released : upto]
         self._released = upto
         return piece

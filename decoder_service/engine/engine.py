@@ -3,7 +3,12 @@
 Contract: ``add_request`` validates everything a caller controls and raises a typed
 ``InvalidRequestError`` before the request touches the batch (requests in flight never notice).
 ``step()`` is one iteration: schedule -> execute -> update -> outputs; it returns one
-``RequestOutput`` per request that produced a token or finished in that step. ``attach_media``
+``RequestOutput`` per request that produced a token or finished in that step. With
+``overlap_outputs`` the next step is scheduled and launched before the outputs are built, so
+the device runs it while the host detokenises and the caller consumes the outputs. Tokens, texts
+and the order of outputs stay the same, but a request added or given its media between two calls
+joins one step later (the step in flight does not change), and one aborted between two calls or
+ended by a stop string has one more token computed and dropped. ``attach_media``
 delivers embeddings that arrive after admission; ``abort_request`` ends a request and frees its
 blocks. ``stats()`` reports queue lengths, KV usage, preemptions and prefix-cache counters.
 With tensor parallelism (``workers`` from ``parallel.start_workers``) this object is rank 0:
@@ -20,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -33,11 +38,16 @@ from decoder_service.engine.errors import (
     UnknownRequestError,
 )
 from decoder_service.engine.kv_cache_manager import KVCacheManager
-from decoder_service.engine.model_runner import ModelRunner, RunnerOutput, TokenLogprobs
-from decoder_service.engine.parallel import ParallelExecutor, WorkerGroup
+from decoder_service.engine.model_runner import (
+    ModelRunner,
+    PendingStep,
+    RunnerOutput,
+    TokenLogprobs,
+)
+from decoder_service.engine.parallel import GuardedStep, ParallelExecutor, WorkerGroup
 from decoder_service.engine.request import MediaItem, Request, RequestStatus
 from decoder_service.engine.sampling_params import SamplingParams
-from decoder_service.engine.scheduler import Scheduler
+from decoder_service.engine.scheduler import Scheduler, SchedulerOutput
 from decoder_service.engine.validation import RequestValidator
 from decoder_service.engine.workers import DecodeMessage, agree_on_graphs
 from models.glm4v.config import ModelConfig
@@ -83,6 +93,11 @@ class EngineStats:
     num_preemptions: int  # since start
     prefix_queries: int  # prompt tokens looked up in the prefix cache, since start
     prefix_hits: int  # of which found
+
+
+class _InFlight(NamedTuple):
+    scheduled: SchedulerOutput  # the step
+    pending: PendingStep | GuardedStep  # its launch; ``result()`` waits for the device
 
 
 class LLMEngine:
@@ -142,7 +157,10 @@ class LLMEngine:
             has_tokenizer=tokenizer is not None,
         )
         self._detok: dict[str, IncrementalDetokenizer] = {}
+        # decodes of single token ids, per skip_special_tokens setting, shared by every request
+        self._single_texts: dict[bool, dict[int, str]] = {True: {}, False: {}}
         self._aborted: list[Request] = []
+        self._in_flight: _InFlight | None = None  # the step launched ahead (overlap_outputs)
         self.idle = False
 
     def _configure_decode(self, settings: DecodeSettings) -> None:
@@ -190,8 +208,9 @@ class LLMEngine:
             rope_delta=int(rope_delta),
         )
         if self.tokenizer is not None:
+            skip = params.skip_special_tokens
             self._detok[request_id] = IncrementalDetokenizer(
-                self.tokenizer, params.skip_special_tokens, params.stop
+                self.tokenizer, skip, params.stop, self._single_texts[skip]
             )
         self.scheduler.add_request(request)
         return request
@@ -234,11 +253,21 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        scheduled = self.scheduler.schedule()
+        scheduled, pending = self._in_flight or self._launch()
+        self._in_flight = None
         self.idle = scheduled.is_empty  # nothing could run (e.g. all wait for media)
-        result = self.executor.execute(scheduled)
+        result = pending.result()
         updates = self.scheduler.update_from_output(scheduled, result.sampled)
+        if self.config.execution.overlap_outputs and self.scheduler.has_unfinished:
+            # NOTE: the next step is scheduled and queued before this one's outputs are built. A
+            # request that ends there (stop string) is in it already: its token from that step
+            # is dropped by update_from_output, like one aborted between schedule and update.
+            self._in_flight = self._launch()
         return self._outputs(updates, result)
+
+    def _launch(self) -> _InFlight:
+        scheduled = self.scheduler.schedule()
+        return _InFlight(scheduled, self.executor.launch(scheduled))
 
     def close(self) -> None:
         """Stop the worker ranks of a tensor-parallel engine (nothing to do in one process)."""

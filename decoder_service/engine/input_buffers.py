@@ -102,18 +102,20 @@ class BlockTables:
         self.ids[row, : self._lens.pop(row)] = 0
         self._free_rows.append(row)
 
-    def sync(self, row: int, block_ids: list[int]) -> None:
-        """Write the ids the row lacks; ``block_ids`` is the request's whole, append-only table."""
+    def sync(self, row: int, block_ids: list[int]) -> int:
+        """Write the ids the row lacks; ``block_ids`` is the request's whole, append-only table.
+        Returns its length."""
         have = self._lens[row]
         n = len(block_ids)
         if n <= have:
-            return
+            return n
         if n > self.ids.shape[1]:
             wider = np.zeros((self.ids.shape[0], max(n, 2 * self.ids.shape[1])), np.int32)
             wider[:, : self.ids.shape[1]] = self.ids
             self.ids = wider
         self.ids[row, have:n] = block_ids[have:]
         self._lens[row] = n
+        return n
 
 
 class DecodeViews(NamedTuple):

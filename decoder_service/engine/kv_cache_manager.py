@@ -40,7 +40,8 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
         self._tables: dict[str, list[KVBlock]] = {}
-        self._ids: dict[str, list[int]] = {}  # the same tables as block ids, kept alongside
+        # the same tables as block ids; a list is replaced, never mutated, when its table grows
+        self._ids: dict[str, list[int]] = {}
         self._num_registered: dict[str, int] = {}  # leading blocks already in the prefix cache
         self.prefix_queries = 0  # prompt tokens looked up in the cache
         self.prefix_hits = 0  # of which found
@@ -57,9 +58,10 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     def block_ids(self, request_id: str) -> list[int]:
-        """A copy of the request's block table (a snapshot: the step that gets it may be sent
-        to other ranks while the table grows)."""
-        return list(self._ids.get(request_id, ()))
+        """The request's block table, as a snapshot that later allocations leave as it is (the
+        step that gets it may be sent to other ranks while the table grows). Do not mutate it:
+        it is shared, not copied, until the table grows, so a decode step costs no copy."""
+        return self._ids.get(request_id) or []
 
     def update_block_hashes(self, request: Request) -> None:
         """Extend ``request.block_hashes`` to every full block of its known tokens."""
@@ -99,7 +101,7 @@ class KVCacheManager:
         self, request: Request, num_new_tokens: int, cached: CachedPrefix | None = None
     ) -> bool:
         """Make room for ``num_new_tokens`` after the computed (and newly cached) tokens."""
-        table = self._tables.get(request.request_id, [])
+        table = self._tables.get(request.request_id)
         if cached is None and table:
             # the common decode step: the tokens still fit in the blocks the request holds
             total = request.num_computed_tokens + num_new_tokens
@@ -109,16 +111,18 @@ class KVCacheManager:
                 return True
         hit = cached.blocks if cached else []
         total = request.num_computed_tokens + (cached.num_tokens if cached else 0) + num_new_tokens
+        table = table or []
         need = max(self.blocks_for(total) - len(table) - len(hit), 0)
         revive = sum(1 for b in hit if b.ref_cnt == 0)  # cached blocks sitting in the free queue
         if need + revive > self.pool.num_free_blocks:
             return False
         self.pool.touch(hit)
         table = self._tables.setdefault(request.request_id, table)
-        ids = self._ids.setdefault(request.request_id, [])
         new = hit + self.pool.allocate(need) if need else hit
         table.extend(new)
-        ids.extend(b.block_id for b in new)
+        if new:
+            ids = self._ids.get(request.request_id, [])
+            self._ids[request.request_id] = [*ids, *(b.block_id for b in new)]
         self._register_full_blocks(request, table, total)
         return True
 

@@ -1,19 +1,25 @@
 """Execute one ``SchedulerOutput`` on the model: a flat varlen batch over the paged KV cache.
 
 Contract: ``ModelRunner`` keeps per-request state created from ``NewRequestData`` and dropped
-on ``dropped_request_ids``; ``execute(out)`` packs every scheduled slice back to back (no
+on ``dropped_request_ids``; ``launch(out)`` packs every scheduled slice back to back (no
 padding), computes its 3-D M-RoPE positions (prompt tokens from the request's position table,
 later tokens at ``index + rope_delta``), maps tokens to KV slots through the block tables,
 writes vision embeddings over the placeholder tokens the slice covers (also when a chunk
 boundary cuts an image in two), runs the model, and samples one token for every slice that
-reaches its request's last known token. A step's host work is a Python pass over the slices
-plus a fixed number of numpy ops, staged into one buffer and moved with one copy
-(``input_buffers.py``); per-request data (prompt position tables, block-table rows, the
-sampler's token lists) is kept across steps, not rebuilt. ``allocate_kv_cache(num_blocks)``
-binds one ``[2, num_blocks + 1, block_size, Hk, D]`` tensor to every ``Attention`` layer (the
-extra block is the padding scratch, ``pad_slot``); ``profile_num_blocks`` sizes the pool on a
-GPU. Embeddings come from ``media_source(request_id, item_index)``, so a
-worker rank can serve them from its own copy; a worker runs ``execute(out, sample=False)``.
+reaches its request's last known token; it returns once the work is queued, and the
+``PendingStep``'s ``result()`` waits for the tokens (``execute`` is both). A step's host work
+is a Python pass over the slices plus a fixed number of numpy ops, staged into one buffer and
+moved with one copy (``input_buffers.py``); per-request data (prompt position tables,
+block-table rows, the sampler's token lists) is kept across steps, not rebuilt; a decode step
+samples straight from the first rows of the hidden states (no gather).
+``allocate_kv_cache(num_blocks)`` binds one ``[2, num_blocks + 1, block_size, Hk, D]`` tensor
+to every ``Attention`` layer (the extra block is the padding scratch, ``pad_slot``);
+``profile_num_blocks`` sizes the pool on a GPU. Embeddings come from
+``media_source(request_id, item_index)``, so a worker rank can serve them from its own copy;
+a worker runs ``execute(out, sample=False)``.
+NOTE: every step queues its work on the one current stream, so a step launched while the host
+still handles the previous one's outputs runs after it on the device (KV writes, graph outputs
+and staged inputs in order); host buffers are only rewritten once their last copy is done.
 ``configure_decode(settings)`` (after the cache is bound) fixes the decode kernel's split count
 and, on CUDA, captures the decode CUDA graphs (``cuda_graphs.py``): a pure decode step without
 media and no larger than the largest graph is then padded into the graph's buffers and replayed;
@@ -33,7 +39,7 @@ import torch
 from decoder_service.engine.cuda_graphs import DecodeGraphs, DecodeSettings, capture_decode_graphs
 from decoder_service.engine.input_buffers import BlockTables, StagingBuffer
 from decoder_service.engine.request import MediaRef
-from decoder_service.engine.sampler import Sampler, SamplingRow
+from decoder_service.engine.sampler import SampledBatch, Sampler, SamplingRow
 from decoder_service.engine.sampling_params import SamplingParams
 from decoder_service.engine.scheduler import NewRequestData, SchedulerOutput
 from kernels.paged_attention import splits_for_context
@@ -76,13 +82,37 @@ class RunnerOutput(NamedTuple):
         return TokenLogprobs(float(self.logprob_rows[request_id][token]), lp.top)
 
 
+class PendingStep(NamedTuple):
+    """A launched step: its picks may still be computing on the device."""
+
+    sample_ids: list[str]  # request id per sampled row
+    rows: list[SamplingRow]  # what the sampler was given, per row
+    picks: SampledBatch | None  # None: nothing sampled (no slice sampled, or a worker rank)
+
+    def result(self) -> RunnerOutput:
+        """Wait for the picks and hand them out per request."""
+        if self.picks is None:
+            return RunnerOutput({}, {}, {})
+        result = self.picks.result()
+        sampled = dict(zip(self.sample_ids, result.token_ids, strict=True))
+        logprobs, logprob_rows = {}, {}
+        if result.logprobs is not None:
+            for i, rid in enumerate(self.sample_ids):
+                if self.rows[i].params.logprobs or self.rows[i].params.top_logprobs:
+                    logprobs[rid] = TokenLogprobs(result.logprobs[i], result.top_logprobs[i])
+                    logprob_rows[rid] = result.logprob_rows[i]
+        return RunnerOutput(sampled, logprobs, logprob_rows)
+
+
 class StepInputs(NamedTuple):
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [3, T] int64
     meta: AttentionMetadata
     mm_embeds: torch.Tensor | None  # [N_mm, H]
     mm_mask: torch.Tensor | None  # [T] bool
-    logits_indices: torch.Tensor  # [S] int64, rows of the hidden states to sample from
+    # [S] int64, rows of the hidden states to sample from; slice(0, S) when they are the first
+    # S rows (a decode step): a view instead of a gather
+    logits_indices: torch.Tensor | slice
     sample_ids: list[str]  # request id per logits row
     graph_size: int = 0  # > 0: inputs live in the decode graphs' buffers, replay this size
 
@@ -174,12 +204,16 @@ class ModelRunner:
 
     # ---- one step --------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, out: SchedulerOutput, sample: bool = True) -> RunnerOutput:
         """Run one step; ``sample=False`` (worker ranks) stops after the logits."""
+        return self.launch(out, sample).result()
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, sample: bool = True) -> PendingStep:
+        """Queue one step on the device and return before it finishes; ``result()`` waits."""
         self._update_states(out)
         if out.is_empty:
-            return RunnerOutput({}, {}, {})
+            return PendingStep([], [], None)
         step = self.prepare_inputs(out)
         if step.graph_size:
             hidden = self.graphs.run(step.graph_size)  # [graph_size, H], padding rows last
@@ -188,22 +222,14 @@ class ModelRunner:
                 step.input_ids, step.positions, step.meta, step.mm_embeds, step.mm_mask
             )
         if not step.sample_ids:
-            return RunnerOutput({}, {}, {})
+            return PendingStep([], [], None)
         # NOTE: with tensor parallelism the lm_head gathers the vocabulary shards, a collective
         # every rank must join even though only rank 0 samples.
         logits = self.model.compute_logits(hidden[step.logits_indices])
         if not sample:
-            return RunnerOutput({}, {}, {})
+            return PendingStep([], [], None)
         rows = [self.states[rid].sampling for rid in step.sample_ids]
-        result = self.sampler(logits, rows)
-        sampled = dict(zip(step.sample_ids, result.token_ids, strict=True))
-        logprobs, logprob_rows = {}, {}
-        if result.logprobs is not None:
-            for i, rid in enumerate(step.sample_ids):
-                if rows[i].params.logprobs or rows[i].params.top_logprobs:
-                    logprobs[rid] = TokenLogprobs(result.logprobs[i], result.top_logprobs[i])
-                    logprob_rows[rid] = result.logprob_rows[i]
-        return RunnerOutput(sampled, logprobs, logprob_rows)
+        return PendingStep(step.sample_ids, rows, self.sampler.launch(logits, rows))
 
     def _update_states(self, out: SchedulerOutput) -> None:
         for rid in out.dropped_request_ids:
@@ -234,20 +260,20 @@ class ModelRunner:
         starts, lens, rows, prompt_lens, deltas, sample_at, sample_ids = [], [], [], [], [], [], []
         prompt_slices: list[tuple[int, _RequestState, int]] = []  # (slice, state, start)
         media_slices: list[tuple[int, str, _RequestState, int]] = []  # (slice, id, state, start)
-        tables = self.tables
+        states, sync = self.states, self.tables.sync
         max_blocks = 0
         for i, seq in enumerate(out.sequences):
-            st = self.states[seq.request_id]
+            st = states[seq.request_id]
             toks, start = seq.token_ids, seq.start
-            end = start + len(toks)
-            known = st.num_prompt_tokens + len(st.sampling.output_token_ids)
-            if end > known:  # a token sampled last step, now fed back in
-                st.sampling.output_token_ids.extend(toks[known - start :])
-            tables.sync(st.table_row, seq.block_ids)
-            max_blocks = max(max_blocks, len(seq.block_ids))
+            n = len(toks)
+            output = st.sampling.output_token_ids
+            known = st.num_prompt_tokens + len(output)
+            if start + n > known:  # a token sampled last step, now fed back in
+                output += toks[known - start :]
+            max_blocks = max(max_blocks, sync(st.table_row, seq.block_ids))
             ids += toks
             starts.append(start)
-            lens.append(len(toks))
+            lens.append(n)
             rows.append(st.table_row)
             prompt_lens.append(st.num_prompt_tokens)
             deltas.append(st.rope_delta)
@@ -260,43 +286,54 @@ class ModelRunner:
                 sample_ids.append(seq.request_id)
         b, t = len(starts), len(ids)
         start_np = np.array(starts, dtype=np.int64)
-        len_np = np.array(lens, dtype=np.int64)
-        cu = np.zeros(b + 1, dtype=np.int64)
-        np.cumsum(len_np, out=cu[1:])
-        lens_k = start_np + len_np
-        if t == b:  # pure decode: one token per slice
-            seq_of, pos = np.arange(b), start_np
+        row_np = np.array(rows, dtype=np.intp)
+        prompt_np = np.array(prompt_lens, dtype=np.int64)
+        delta_np = np.array(deltas, dtype=np.int64)
+        if t == b:  # one token per slice (pure decode): token i is slice i, no gathers needed
+            pos, token_rows = start_np, row_np
+            cu = np.arange(b + 1, dtype=np.int64)
+            lens_k = start_np + 1
+            logits_rows = np.array(sample_at, dtype=np.int64)
         else:
+            len_np = np.array(lens, dtype=np.int64)
+            cu = np.zeros(b + 1, dtype=np.int64)
+            np.cumsum(len_np, out=cu[1:])
             seq_of = np.repeat(np.arange(b), len_np)
             pos = np.arange(t) + np.repeat(start_np - cu[:-1], len_np)
+            token_rows, prompt_np, delta_np = row_np[seq_of], prompt_np[seq_of], delta_np[seq_of]
+            lens_k = start_np + len_np
+            logits_rows = cu[1:][sample_at] - 1  # each sampled slice's last token
         # generated tokens sit at n + rope_delta; prompt tokens at n unless they have a table
-        shift = np.where(pos >= np.array(prompt_lens)[seq_of], np.array(deltas)[seq_of], 0)
-        positions = np.repeat((pos + shift)[None], 3, axis=0)  # [3, T] int64
+        positions = np.empty((3, t), dtype=np.int64)
+        positions[:] = np.where(pos >= prompt_np, pos + delta_np, pos)
         for i, st, start in prompt_slices:
             stop = min(start + lens[i], st.num_prompt_tokens)
             positions[:, cu[i] : cu[i] + stop - start] = st.prompt_positions[:, start:stop]
-        row_np = np.array(rows, dtype=np.int64)
         bs = self.block_size
-        slots = tables.ids[row_np[seq_of], pos // bs].astype(np.int64) * bs + pos % bs
-        arrays = [
-            np.array(ids, dtype=np.int64),
-            positions,
-            slots,
-            cu[1:][sample_at] - 1,  # logits rows: each sampled slice's last token
-            cu.astype(np.int32),
-            lens_k.astype(np.int32),
-            tables.ids[row_np, :max_blocks],
-        ]
+        block, offset = np.divmod(pos, bs)
+        slots = self.tables.ids[token_rows, block].astype(np.int64) * bs + offset
+        tables = self.tables.ids[row_np, :max_blocks]
+        ids_np = np.array(ids, dtype=np.int64)
+        first_rows = slice(0, b) if t == b and len(sample_at) == b else None
         if t == b and self.graphs is not None and not media_slices:
-            size = self.graphs.stage(*arrays[:4], arrays[5], arrays[6])
+            size = self.graphs.stage(ids_np, positions, slots, logits_rows, lens_k, tables)
             if size is not None:
                 v = self.graphs.buffers.batch(size)
                 meta = self.graphs.meta(size)
-                rows = v.logits_rows[: len(sample_at)]
+                rows = v.logits_rows[: len(sample_at)] if first_rows is None else first_rows
                 return StepInputs(v.ids, v.positions, meta, None, None, rows, sample_ids, size)
+        arrays = [
+            ids_np,
+            positions,
+            slots,
+            logits_rows,
+            cu.astype(np.int32),
+            lens_k.astype(np.int32),
+            tables,
+        ]
         mm_embeds = self._media_rows(media_slices, cu, lens, arrays) if media_slices else None
         staged = self.staging.stage(arrays)
-        cu_list, lens_k_list = cu.tolist(), lens_k.tolist()
+        lens_k_list = lens_k.tolist()
         meta = AttentionMetadata(
             cu_seqlens_q=staged[4],
             seq_lens_k=staged[5],
@@ -305,7 +342,7 @@ class ModelRunner:
             slot_mapping=staged[2],
             block_tables=staged[6],
             seq_lens_k_cpu=lens_k_list,
-            cu_seqlens_q_cpu=cu_list,
+            cu_seqlens_q_cpu=cu.tolist(),
             decode_kernel=self.decode_kernel,
             decode_splits=self.decode_splits,
         )
@@ -315,7 +352,7 @@ class ModelRunner:
             meta=meta,
             mm_embeds=mm_embeds,
             mm_mask=None if mm_embeds is None else staged[7],
-            logits_indices=staged[3],
+            logits_indices=staged[3] if first_rows is None else first_rows,
             sample_ids=sample_ids,
         )
 

@@ -5,7 +5,7 @@ multiprocessing; rendezvous through MASTER_ADDR/MASTER_PORT = 127.0.0.1 and a fr
 this process to the group as rank 0 and returns a ``WorkerGroup``. The caller then loads rank 0's
 shard (``load_model`` after this call: the parallel layers read the group when built) and passes
 the group to ``LLMEngine(..., workers=group)``, which wraps its ``ModelRunner`` in a
-``ParallelExecutor``: the same ``execute`` / ``allocate_kv_cache`` / ``profile_num_blocks``, each
+``ParallelExecutor``: the same ``launch`` / ``allocate_kv_cache`` / ``profile_num_blocks``, each
 first broadcast to the workers (``workers.py`` has the messages). Media embeddings go to the
 workers once per request, the first time a scheduled slice covers them (again after a
 preemption, which drops the request on every rank). Rank 0 decides the KV pool size (on GPU the
@@ -26,7 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing.connection import wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -34,7 +34,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
 from decoder_service.engine.config import EngineConfig, LoadConfig, ParallelConfig
-from decoder_service.engine.model_runner import ModelRunner, RunnerOutput
+from decoder_service.engine.model_runner import ModelRunner, PendingStep, RunnerOutput
 from decoder_service.engine.request import MediaRef
 from decoder_service.engine.scheduler import SchedulerOutput
 from decoder_service.engine.workers import (
@@ -182,14 +182,14 @@ class ParallelExecutor:
         self._sent: dict[str, set[int]] = {}  # item indices the workers hold, per request
         workers.wait_ready()
 
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def launch(self, out: SchedulerOutput) -> GuardedStep:
         keys, rows = self._media_to_send(out)
         with self.workers.guard():
             if out.sequences or out.dropped_request_ids:  # idle steps stay on rank 0
                 self.workers.send(StepMessage(out, keys))
                 if rows:
                     self.workers.broadcast(torch.cat(rows))
-            return self.runner.execute(out)
+            return GuardedStep(self.runner.launch(out), self.workers)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         with self.workers.guard():
@@ -237,6 +237,17 @@ class ParallelExecutor:
                 rows.append(embeds)
                 sent.add(k)
         return keys, rows
+
+
+class GuardedStep(NamedTuple):
+    """Rank 0's launched step; waiting for it may surface a worker's failure, so it is guarded."""
+
+    step: PendingStep
+    workers: WorkerGroup
+
+    def result(self) -> RunnerOutput:
+        with self.workers.guard():
+            return self.step.result()
 
 
 def start_workers(load: LoadConfig, parallel: ParallelConfig, block_size: int) -> WorkerGroup:

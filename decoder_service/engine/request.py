@@ -23,6 +23,8 @@ import torch
 
 from decoder_service.engine.sampling_params import ForcedTokens, SamplingParams
 
+_FINISHED = ("stop", "length", "abort")  # the values of the finished statuses
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
@@ -34,7 +36,9 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value in ("stop", "length", "abort")
+        # ``_value_`` is the member's plain attribute; ``value`` goes through a descriptor, and
+        # this is asked several times per request per step
+        return self._value_ in _FINISHED
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,8 @@ class Request:
 
     @property
     def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None
+        status = self.status
+        return status.value if status.finished else None
 
     def next_output_token(self, sampled: int) -> int:
         """The token to append: ``sampled``, unless the forcing policy puts another in its place."""

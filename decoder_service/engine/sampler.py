@@ -8,7 +8,9 @@ from p). A seeded row draws its noise from a generator seeded by (seed, number o
 generated), so its tokens do not depend on batch composition, preemption or other requests.
 Log-probabilities are of the model's own distribution (before penalties and temperature); the
 whole log-softmax rows come back too, so a token chosen after sampling (a forced one) gets its
-log-probability from the same logits.
+log-probability from the same logits. ``launch`` queues the same work and returns the picks as
+device tensors (``SampledBatch``) whose ``result()`` waits for them, so the host can do other
+work while the device finishes the step.
 Stop handling is not here (scheduler and detokenizer).
 """
 
@@ -40,8 +42,36 @@ class SamplerOutput(NamedTuple):
     logprob_rows: torch.Tensor | None = None  # [N, V] float32 log-softmax; None if no row asked
 
 
+class SampledBatch(NamedTuple):
+    """A batch's picks as device tensors, queued but not yet waited for (``result()`` waits)."""
+
+    tokens: torch.Tensor  # [N] int64
+    logprob_rows: torch.Tensor | None  # [N, V] float32 log-softmax; None if no row asked
+    chosen: torch.Tensor | None  # [N] float32, log p of each pick; None if no row asked
+    top: tuple[torch.Tensor, torch.Tensor] | None  # [N, k] float32 values, [N, k] int64 ids
+    top_counts: list[int]  # top log-probabilities each row asked for (with logprob_rows)
+
+    def result(self) -> SamplerOutput:
+        # NOTE: the first .tolist() waits until the device has finished the step
+        token_list = self.tokens.tolist()
+        if self.logprob_rows is None:
+            return SamplerOutput(token_list, None, None, None)
+        top: list[list[tuple[int, float]]] = [[] for _ in self.top_counts]
+        if self.top is not None:
+            values, ids = self.top[0].tolist(), self.top[1].tolist()
+            for i, n in enumerate(self.top_counts):
+                top[i] = list(zip(ids[i][:n], values[i][:n], strict=True))
+        return SamplerOutput(token_list, self.chosen.tolist(), top, self.logprob_rows)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        # logits: [N, V] float32
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
+        """Queue the picks on the logits' device. Greedy rows without penalties only queue device
+        work; random rows and penalties copy small host tensors over, which waits for it."""
         # logits: [N, V] float32
         raw_logprobs = None
         if any(r.params.logprobs or r.params.top_logprobs for r in rows):
@@ -53,18 +83,13 @@ class Sampler:
             idx = torch.tensor(random_rows, device=logits.device)
             drawn = _sample_rows(logits[idx], [rows[i] for i in random_rows])
             tokens[idx] = drawn
-        token_list = tokens.tolist()
         if raw_logprobs is None:
-            return SamplerOutput(token_list, None, None, None)
-        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-        k = max(r.params.top_logprobs for r in rows)
-        top: list[list[tuple[int, float]]] = [[] for _ in rows]
-        if k:
-            values, ids = raw_logprobs.topk(k, dim=-1)
-            for i, r in enumerate(rows):
-                n = r.params.top_logprobs
-                top[i] = list(zip(ids[i, :n].tolist(), values[i, :n].tolist(), strict=True))
-        return SamplerOutput(token_list, chosen, top, raw_logprobs)
+            return SampledBatch(tokens, None, None, None, [])
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+        counts = [r.params.top_logprobs for r in rows]
+        k = max(counts)
+        top = tuple(raw_logprobs.topk(k, dim=-1)) if k else None
+        return SampledBatch(tokens, raw_logprobs, chosen, top, counts)
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:

@@ -46,7 +46,8 @@ class ScheduledSequence:
     request_id: str
     token_ids: list[int]  # tokens to run through the model, in order
     start: int  # tokens already in the KV cache = sequence index of token_ids[0]
-    block_ids: list[int]  # the request's whole block table after this step's allocation
+    # the request's whole block table after this step's allocation; shared, do not mutate
+    block_ids: list[int]
     sample: bool  # the slice ends at the last known token: sample one token from its logits
 
 
@@ -128,6 +129,8 @@ class Scheduler:
         n = min(remaining, budget)
         if remaining > 1:
             n = min(n, self.config.prefill_chunk)
+        if not req.mm_items:  # text only: nothing can hold the prefill back
+            return n
         return min(n, req.computable_until(start) - start)
 
     def _allocate_or_preempt(
@@ -187,13 +190,11 @@ class Scheduler:
 
     def _slice(self, req: Request, n: int) -> ScheduledSequence:
         start = req.num_computed_tokens
-        return ScheduledSequence(
-            request_id=req.request_id,
-            token_ids=req.all_token_ids[start : start + n],
-            start=start,
-            block_ids=self.kv.block_ids(req.request_id),
-            sample=start + n == req.num_tokens,
-        )
+        token_ids = req.all_token_ids[start : start + n]
+        block_ids = self.kv.block_ids(req.request_id)
+        sample = start + n == req.num_tokens
+        # positional: one is built per running request per step, and keywords cost twice as much
+        return ScheduledSequence(req.request_id, token_ids, start, block_ids, sample)
 
     @staticmethod
     def _new_request_data(req: Request) -> NewRequestData:

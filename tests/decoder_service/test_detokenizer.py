@@ -98,3 +98,17 @@ def test_uneven_chunks_hold_partial_characters_and_rejoin(tok):
             pieces.append(detok.flush())
             assert "".join(pieces) == text
             assert not any("\ufffd" in p for p in pieces)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_detokenizers_sharing_single_token_texts_stream_the_same(tok, skip):
+    rng = random.Random(2)
+    vocab = tok.get_vocab_size()
+    shared: dict[int, str] = {}
+    for text in TEXTS:
+        ids = tok.encode(text).ids + [rng.randrange(vocab) for _ in range(10)]
+        alone = stream(IncrementalDetokenizer(tok, skip), ids)
+        assert stream(IncrementalDetokenizer(tok, skip, single_texts=shared), ids) == alone
+        stopped = IncrementalDetokenizer(tok, skip, stop=("zz",), single_texts=shared)
+        assert "".join(stream(stopped, ids)) == tok.decode(ids, skip_special_tokens=skip)
+    assert shared and all(tok.decode([i], skip_special_tokens=skip) == t for i, t in shared.items())

@@ -2,7 +2,10 @@
 
 Sixteen mixed requests (text, images of different sizes, two images in one prompt, videos,
 shared prefixes, an exact repeat) must give the same tokens batched, alone, preempted, with a
-7-token step budget, and as transformers generates them.
+7-token step budget, and as transformers generates them. With ``overlap_outputs`` (the next step
+launched before this one's outputs are built) every step returns what the synchronous engine
+returns, stop strings, log-probabilities, penalties, seeds and forced tokens included; requests
+added, given media or aborted between steps end with the same tokens and texts.
 """
 
 from __future__ import annotations
@@ -11,7 +14,13 @@ import pytest
 import torch
 from engine_reference import PromptSpec, draw_image, write_video
 
-from decoder_service.engine.config import CacheConfig, EngineConfig, MediaLimits, SchedulerConfig
+from decoder_service.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    ExecutionConfig,
+    MediaLimits,
+    SchedulerConfig,
+)
 from decoder_service.engine.engine import CompletedRequest, LLMEngine
 from decoder_service.engine.errors import (
     DuplicateRequestError,
@@ -23,7 +32,7 @@ from decoder_service.engine.errors import (
     TooManyMediaError,
 )
 from decoder_service.engine.request import MediaItem
-from decoder_service.engine.sampling_params import SamplingParams
+from decoder_service.engine.sampling_params import ForcedTokens, SamplingParams
 
 PREFIX = "Read the following question carefully and answer it in one short sentence. " * 3
 
@@ -63,12 +72,15 @@ def expected(reference, specs) -> list[list[int]]:
     return [reference.generate(spec, n) for spec, n in specs]
 
 
-def make_engine(ours, block_size=16, num_blocks=512, media=MediaLimits(), **sched) -> LLMEngine:
+def make_engine(
+    ours, block_size=16, num_blocks=512, media=MediaLimits(), overlap=False, **sched
+) -> LLMEngine:
     model, model_config, tok = ours
     config = EngineConfig(
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
         scheduler=SchedulerConfig(**{"max_num_batched_tokens": 2048, **sched}),
         media=media,
+        execution=ExecutionConfig(overlap_outputs=overlap),
     )
     return LLMEngine(model, model_config, config, tok)
 
@@ -102,17 +114,21 @@ def test_batch_equals_alone_equals_transformers(ours, specs, expected):
     assert batched == expected
 
 
-def test_preemption_with_a_small_pool_gives_identical_outputs(ours, specs, expected):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_preemption_with_a_small_pool_gives_identical_outputs(ours, specs, expected, overlap: bool):
     largest = max(-(-(len(s.prompt_ids) + n) // 4) for s, n in specs)
-    engine = make_engine(ours, block_size=4, num_blocks=largest + 4)
+    engine = make_engine(ours, block_size=4, num_blocks=largest + 4, overlap=overlap)
     assert run_batch(engine, specs) == expected
     stats = engine.stats()
     assert stats.num_preemptions > 0 and stats.kv_usage == 0.0 and stats.num_running == 0
 
 
-def test_chunked_prefill_with_a_7_token_budget_gives_identical_outputs(ours, specs, expected):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_chunked_prefill_with_a_7_token_budget_gives_identical_outputs(
+    ours, specs, expected, overlap: bool
+):
     # chunks cut through images and video frame groups at arbitrary places
-    engine = make_engine(ours, block_size=4, max_num_batched_tokens=7)
+    engine = make_engine(ours, block_size=4, max_num_batched_tokens=7, overlap=overlap)
     assert run_batch(engine, specs) == expected
 
 
@@ -134,8 +150,9 @@ def test_prefix_cache_shares_the_same_image_not_a_different_one(ours, reference)
     assert results["other"].token_ids == reference.generate(other, 4)
 
 
-def test_embeddings_arriving_after_admission(ours, specs, expected):
-    engine = make_engine(ours, block_size=4, max_num_batched_tokens=16)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_embeddings_arriving_after_admission(ours, specs, expected, overlap: bool):
+    engine = make_engine(ours, block_size=4, max_num_batched_tokens=16, overlap=overlap)
     spec, n = specs[8]  # a video
     text_spec, text_n = specs[0]
     add(engine, "late", spec, greedy(n), with_embeds=False)
@@ -255,8 +272,9 @@ def test_bad_inputs_rejected_with_typed_errors_while_others_continue(ours, specs
         assert tokens[i] + done[str(i)].token_ids == expected[i]
 
 
-def test_abort_frees_blocks_and_reports_abort(ours, specs):
-    engine = make_engine(ours)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_abort_frees_blocks_and_reports_abort(ours, specs, overlap: bool):
+    engine = make_engine(ours, overlap=overlap)
     add(engine, "a", specs[5][0], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     add(engine, "b", specs[0][0], greedy(3))
     engine.step()
@@ -310,8 +328,107 @@ def test_gpu_bfloat16_batch_runs_to_completion(tiny_ckpt_45, specs):
     assert all(1 <= len(toks) <= n for toks, (_, n) in zip(outs, specs, strict=True))
 
 
-def test_run_to_completion_refuses_to_spin_on_missing_media(ours, specs):
-    engine = make_engine(ours)
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+def test_run_to_completion_refuses_to_spin_on_missing_media(ours, specs, overlap: bool):
+    engine = make_engine(ours, overlap=overlap)
     add(engine, "late", specs[3][0], greedy(2), with_embeds=False)
     with pytest.raises(RuntimeError, match="never attached"):
         engine.run_to_completion()
+
+
+def _steps(engine: LLMEngine) -> list[list[tuple]]:
+    """Every step's outputs until the engine is done, as comparable tuples."""
+    steps = []
+    while engine.has_unfinished_requests:
+        steps.append(
+            [
+                (o.request_id, o.new_token_ids, o.new_text, o.finished, o.finish_reason)
+                + (o.stop_reason, o.num_cached_tokens, o.logprobs)
+                for o in engine.step()
+            ]
+        )
+    assert engine.kv.pool.num_free_blocks == engine.kv.num_blocks
+    return steps
+
+
+def test_overlapped_outputs_equal_the_synchronous_steps(ours, specs):
+    _, _, tok = ours
+    engine = make_engine(ours)
+    add(engine, "full", specs[1][0], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    text = engine.run_to_completion()["full"].text
+    stop = next(t for i in range(4, len(text) - 3) if (t := text[i : i + 3]).strip())
+    (think,), (end,) = (
+        tok.encode(m, add_special_tokens=False).ids for m in ("<think>", "</think>")
+    )
+    question = tok.encode("Think about the colour of the sky", add_special_tokens=False).ids
+    free = dict(temperature=0, ignore_eos=True)
+    requests = [
+        ("stop", specs[1][0], SamplingParams(max_tokens=16, stop=[stop], **free)),
+        (
+            "logprobs",
+            specs[3][0],
+            SamplingParams(max_tokens=6, logprobs=True, top_logprobs=3, **free),
+        ),
+        ("seeded", specs[0][0], SamplingParams(temperature=1.2, max_tokens=9, seed=5)),
+        (
+            "penalties",
+            specs[8][0],
+            SamplingParams(
+                temperature=0.8,
+                max_tokens=7,
+                seed=1,
+                repetition_penalty=1.3,
+                presence_penalty=0.5,
+                frequency_penalty=0.3,
+                ignore_eos=True,
+            ),
+        ),  # fmt: skip
+        ("short", specs[5][0], SamplingParams(max_tokens=2, **free)),
+        ("eos", specs[13][0], greedy(12)),
+    ]
+    forced = SamplingParams(
+        max_tokens=8, logprobs=True, forced=ForcedTokens(think, end, thinking_budget=2), **free
+    )
+    runs = []
+    for overlap in (False, True):
+        engine = make_engine(ours, overlap=overlap)
+        for rid, spec, params in requests:
+            add(engine, rid, spec, params)
+        engine.add_request("forced", question + [think], forced)
+        runs.append(_steps(engine))
+    sync, overlapped = runs
+    assert any(out[4:6] == ("stop", stop) for step in sync for out in step)
+    assert [[o[:7] for o in step] for step in overlapped] == [[o[:7] for o in s] for s in sync]
+    for step_o, step_s in zip(overlapped, sync, strict=True):
+        for o, s in zip(step_o, step_s, strict=True):
+            assert (o[7] is None) == (s[7] is None)
+            for lp_o, lp_s in zip(o[7] or [], s[7] or [], strict=True):
+                assert lp_o.logprob == pytest.approx(lp_s.logprob, abs=1e-5)
+                assert [t for t, _ in lp_o.top] == [t for t, _ in lp_s.top]
+
+
+def test_overlap_with_requests_added_and_aborted_between_steps(ours, specs, expected):
+    done = []
+    for overlap in (False, True):
+        engine = make_engine(ours, max_num_batched_tokens=64, overlap=overlap)
+        for i in (0, 3, 5):
+            add(engine, str(i), specs[i][0], greedy(specs[i][1]))
+        add(engine, "long", specs[2][0], SamplingParams(temperature=0, max_tokens=40))
+        outputs = [o for _ in range(3) for o in engine.step()]
+        assert engine.abort_request("long")
+        add(engine, "8", specs[8][0], greedy(specs[8][1]))
+        after = engine.step()
+        assert [o.finish_reason for o in after if o.request_id == "long"] == ["abort"]
+        early: dict[str, tuple[list[int], str]] = {}
+        for o in outputs + after:
+            tokens, text = early.get(o.request_id, ([], ""))
+            early[o.request_id] = (tokens + o.new_token_ids, text + o.new_text)
+        result = {}
+        for rid, acc in engine.run_to_completion().items():
+            tokens, text = early.get(rid, ([], ""))
+            result[rid] = (tokens + acc.token_ids, text + acc.text, acc.finish_reason)
+        assert engine.kv.pool.num_free_blocks == engine.kv.num_blocks
+        done.append(result)
+    assert done[1] == done[0]
+    for i in (0, 3, 5, 8):
+        assert done[1][str(i)][0] == expected[i]

@@ -4,7 +4,8 @@ Rank 0 is this test process; ``start_workers`` spawns rank 1. The batch mixes a 
 an image request whose embeddings arrive after admission, under a step budget small enough to cut
 the image across prefill chunks and a KV pool small enough to preempt, so media reach the worker
 late, in pieces and twice. Greedy tokens and their log-probabilities must match a one-process
-engine on the same checkpoint. A worker that dies mid-run must make rank 0 raise, within bounds.
+engine on the same checkpoint, also when rank 0 launches each next step before its outputs. A
+worker that dies mid-run must make rank 0 raise, within bounds.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from engine_reference import draw_image
 from decoder_service.engine.config import (
     CacheConfig,
     EngineConfig,
+    ExecutionConfig,
     LoadConfig,
     ParallelConfig,
     SchedulerConfig,
@@ -42,12 +44,15 @@ MAX_TOKENS = 8
 BUDGET = 10  # tokens per step: a 12-token image is cut across prefill chunks
 
 
-def engine_config(ckpt: Path, tp: int = 1, ep: int = 1, num_blocks: int = 64) -> EngineConfig:
+def engine_config(
+    ckpt: Path, tp: int = 1, ep: int = 1, num_blocks: int = 64, overlap: bool = False
+) -> EngineConfig:
     return EngineConfig(
         load=LoadConfig(model_path=str(ckpt), dtype="float32", device="cpu"),
         cache=CacheConfig(block_size=4, num_blocks=num_blocks),
         scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET),
         parallel=ParallelConfig(tp=tp, ep=ep),
+        execution=ExecutionConfig(overlap_outputs=overlap),
     )
 
 
@@ -96,18 +101,20 @@ def single_process(ckpt: Path, batch: list[PreparedPrompt], num_blocks: int):
 
 
 @pytest.mark.parametrize(
-    ("variant", "ep", "num_blocks"),
-    [("tiny_ckpt_45", 1, 64), ("tiny_ckpt_46", 2, 14)],
-    ids=["glm45v-tp2", "glm46v-tp2-ep2-preempting"],
+    ("variant", "ep", "num_blocks", "overlap"),
+    [("tiny_ckpt_45", 1, 64, False), ("tiny_ckpt_46", 2, 14, False), ("tiny_ckpt_45", 1, 64, True)],
+    ids=["glm45v-tp2", "glm46v-tp2-ep2-preempting", "glm45v-tp2-overlap"],
 )
-def test_two_ranks_give_the_single_process_tokens(request, tmp_path, variant, ep, num_blocks):
+def test_two_ranks_give_the_single_process_tokens(
+    request, tmp_path, variant, ep, num_blocks, overlap
+):
     ckpt = request.getfixturevalue(variant)
     batch = prompts(ckpt, tmp_path)
     assert batch[1].mm_items[0].num_embeds > BUDGET  # no step can hold the whole image
     expected, preemptions = single_process(ckpt, batch, num_blocks)
     assert (preemptions > 0) == (num_blocks < 64)
 
-    config = engine_config(ckpt, tp=2, ep=ep, num_blocks=num_blocks)
+    config = engine_config(ckpt, tp=2, ep=ep, num_blocks=num_blocks, overlap=overlap)
     engine = load_parallel_engine(config, load_model_config(ckpt))
     try:
         assert get_tp_size() == 2
