@@ -13,8 +13,8 @@ kernel and picks tiles made for large M; this kernel reads each code once, widen
 activations' dtype for the tensor cores, and keeps the activations exact.
 
 Kernel: a grid of (row block, column block) programs over ``N``; each streams its ``BLOCK_N`` weight
-rows along ``K`` and reduces against ``BLOCK_M`` activation rows. Narrow column blocks for small
-``N`` keep every SM busy. The grid depends on shapes only (CUDA-graph safe). Needs Triton; on CPU
+rows along ``K`` and reduces against ``BLOCK_M`` activation rows (tiles per output width from a
+small sweep on an H200, ``_tiles``). The grid depends on shapes only (CUDA-graph safe). Needs Triton; on CPU
 it runs only under ``TRITON_INTERPRET=1`` (the tests).
 
 What does not belong here: the path choice and weight storage (``models/layers/fp8.py``).
@@ -63,6 +63,8 @@ def w8a16_linear(
     q: torch.Tensor,  # [N, K] float8_e4m3fn
     scale: torch.Tensor,  # [N, 1] float32
     bias: torch.Tensor | None = None,  # [N] x.dtype
+    tiles: tuple[int, int, int, int] | None = None,  # (block_n, block_k, warps, stages); None =
+    # the table below (benchmarks pass their own)
 ) -> torch.Tensor:  # [M, N] x.dtype
     if triton is None:
         raise RuntimeError("w8a16_linear needs triton")
@@ -77,16 +79,21 @@ def w8a16_linear(
         x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     scale = scale.reshape(n)
-    # narrow column blocks when N is small, so even a 4096-wide projection fills the SMs
-    block_n = 32 if n >= 8192 else 16
-    block_k = min(256, max(16, triton.next_power_of_2(k)))
+    block_n, block_k, warps, stages = tiles or _tiles(n)
+    block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     _w8a16_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))](
         x, q, scale, bias if bias is not None else scale, out,
         m, n, k, x.stride(0), q.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, num_stages=4, num_warps=4,
+        EVEN_K=k % block_k == 0, num_stages=stages, num_warps=warps,
     )  # fmt: skip
     return out
+
+
+def _tiles(n: int) -> tuple[int, int, int, int]:  # (block_n, block_k, warps, stages)
+    # the fastest of a small sweep at batch 1 on an H200 (GLM-4.5V projection shapes): wide
+    # outputs keep a 256 reduction step, narrow ones (N 2816-4096) stream longer K runs
+    return (32, 256, 4, 3) if n >= 8192 else (32, 512, 4, 5)
 
 
 if triton is not None:

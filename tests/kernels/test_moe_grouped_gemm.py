@@ -148,5 +148,6 @@ def test_cuda_bf16_grouped_experts_match_the_loop() -> None:
     route = _route(t, e, k, seed=11)
     route = RouterOutput(route.weights.to(dev), route.ids.to(dev))
     want = experts_reference(x, w13, w2, route)
-    got = experts_grouped(x, w13, w2, route, foreign_slots=False)
+    # the grouped GEMM path itself (a batch this small would otherwise take the fused kernels)
+    got = experts_grouped(x, w13, w2, route, foreign_slots=False, use_triton=False)
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -61,16 +61,17 @@ def test_fp8_grouped_experts_match_bf16_on_dequantised_weights() -> None:
     scores = torch.rand(t, e, device="cuda", generator=gen)
     weights, ids = scores.topk(k, dim=-1)
     route = RouterOutput(weights / weights.sum(-1, keepdim=True), ids)
-    assert scaled_fused_supported(x, q13), "torch._scaled_grouped_mm is not used"
-    got = experts_grouped(x, q13, q2, route, foreign_slots=False, w13_scale=s13, w2_scale=s2)
+    kw = {"foreign_slots": False, "w13_scale": s13, "w2_scale": s2}
     want = experts_reference(
         x, dequantize(q13, s13, torch.bfloat16), dequantize(q2, s2, torch.bfloat16), route
     )
-    assert _rel(got, want) < 0.05
-    # the fallback (dequantise per expert, bf16 GEMM) agrees as well
-    fallback = experts_grouped(
-        x, q13, q2, route, foreign_slots=False, use_fused=False, w13_scale=s13, w2_scale=s2
-    )
+    # the default CUDA path: the fused Triton kernels reading the FP8 codes
+    assert _rel(experts_grouped(x, q13, q2, route, **kw), want) < 0.01
+    # the grouped path: torch._scaled_grouped_mm where this build runs it correctly (quantised
+    # activations: looser), and the per-expert dequantise + bf16 fallback
+    if scaled_fused_supported(x, q13):
+        assert _rel(experts_grouped(x, q13, q2, route, use_triton=False, **kw), want) < 0.05
+    fallback = experts_grouped(x, q13, q2, route, use_triton=False, use_fused=False, **kw)
     assert _rel(fallback, want) < 0.01
 
 
