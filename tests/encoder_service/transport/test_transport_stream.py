@@ -143,3 +143,18 @@ def test_chunks_without_checksums_still_validate_length():
     assert asyncio.run(assemble(chunks, len(data))) == data
     with pytest.raises(StreamCutError):
         asyncio.run(assemble(chunks[:2], len(data)))
+
+
+def test_stream_channel_options_raise_frames_and_window_and_keep_them_in_the_client():
+    from encoder_service.client import channel_options
+    from encoder_service.transport.stream import grpc_message_options
+
+    opts = dict(grpc_message_options())
+    assert opts["grpc.http2.max_frame_size"] == (1 << 24) - 1  # HTTP/2's largest frame
+    assert opts["grpc.http2.lookahead_bytes"] >= 16 << 20
+    assert opts["grpc.http2.bdp_probe"] == 0
+    client = dict(channel_options(128 << 20))
+    # message limits rise to the configured size; the HTTP/2 settings pass through untouched
+    assert client["grpc.max_receive_message_length"] == 128 << 20
+    assert client["grpc.http2.max_frame_size"] == opts["grpc.http2.max_frame_size"]
+    assert client["grpc.http2.bdp_probe"] == 0
