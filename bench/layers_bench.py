@@ -72,7 +72,7 @@ def old_sdpa(layer: Attention, q, k, v, meta: AttentionMetadata) -> torch.Tensor
 def bench_moe(cfg: TextConfig, batch: int, a, dev, dtype) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(batch)
     h, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
-    router = TopKRouter(h, e, cfg.num_experts_per_tok, n_group=1, topk_group=1, dtype=dtype)
+    router = TopKRouter(h, e, cfg.num_experts_per_tok, n_group=1, topk_group=1)
     router.weight.data = torch.randn(e, h, generator=gen).to(dev, dtype)
     router.to(dev)
     w13 = (torch.randn(e, 2 * i, h, generator=gen) / h**0.5).to(dev, dtype)

@@ -102,7 +102,6 @@ class Glm4vMoeSparseBlock(nn.Module):
             topk_group=cfg.topk_group,
             norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor,
-            dtype=dtype,
         )
         self.experts = FusedMoE(
             cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype=dtype

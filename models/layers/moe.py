@@ -58,7 +58,6 @@ class TopKRouter(nn.Module):
         topk_group: int = 1,
         norm_topk_prob: bool = True,
         routed_scaling_factor: float = 1.0,
-        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
@@ -66,7 +65,10 @@ class TopKRouter(nn.Module):
         divide(num_experts, n_group, "routed experts per group")
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype), False)
+        # held in float32 (the logits are float32 anyway): no cast of the whole gate every step
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, hidden_size, dtype=torch.float32), False
+        )
         self.weight.weight_loader = default_weight_loader
         # kept in float32 whatever the model dtype: it shifts near-equal sigmoid scores
         bias = torch.zeros(num_experts, dtype=torch.float32)
@@ -74,7 +76,8 @@ class TopKRouter(nn.Module):
         self.e_score_correction_bias.weight_loader = default_weight_loader
 
     def forward(self, x: torch.Tensor) -> RouterOutput:  # x [T, H]
-        logits = x.float() @ self.weight.float().t()  # [T, E] float32
+        logits = x.float() @ self.weight.float().t()  # [T, E]; a no-op cast unless moved
+        # to another dtype by the caller
         use_kernel = triton_enabled(logits) and moe_routing.supported(
             logits, self.n_group, self.topk_group, self.top_k
         )

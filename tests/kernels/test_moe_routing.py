@@ -118,7 +118,7 @@ def test_replays_in_a_cuda_graph() -> None:
 @pytest.mark.gpu
 def test_layer_agrees_with_triton_on_and_off(monkeypatch: pytest.MonkeyPatch) -> None:
     gen = torch.Generator().manual_seed(6)
-    router = TopKRouter(4096, 128, 8, dtype=torch.bfloat16).cuda()
+    router = TopKRouter(4096, 128, 8).cuda()
     router.weight.data.copy_(torch.randn(128, 4096, generator=gen) * 0.02)
     router.e_score_correction_bias.data.copy_(torch.randn(128, generator=gen) * 0.3)
     x = torch.randn(256, 4096, generator=gen).to("cuda", torch.bfloat16)
