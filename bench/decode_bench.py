@@ -105,8 +105,8 @@ def step_bytes(
     layers = (
         tc.num_hidden_layers * (attn + norms)
         + n_dense * 3 * h * tc.intermediate_size
-        + n_moe * (router + shared)
-    ) * weight_bytes + n_moe * tc.n_routed_experts * 4  # float32 router correction bias
+        + n_moe * shared
+    ) * weight_bytes + n_moe * (router + tc.n_routed_experts) * 4  # float32 gate and bias
     experts = n_moe * experts_read * 3 * h * tc.moe_intermediate_size * weight_bytes
     head = (tc.vocab_size * h + h + batch * h) * weight_bytes
     kv = batch * context * tc.num_hidden_layers * 2 * tc.num_key_value_heads * d * weight_bytes
