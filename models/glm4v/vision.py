@@ -88,10 +88,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class _Rope(NamedTuple):
     """2-D rotary tables of one forward, built once and shared by every block."""
 
-    cos: torch.Tensor  # [N, 1, head_dim] float32, the two halves equal
-    sin: torch.Tensor  # [N, 1, head_dim] float32
-    # [N, 1, head_dim / 2] contiguous first halves for the in-place kernel; None = torch path
-    half: tuple[torch.Tensor, torch.Tensor] | None
+    # float32; in_place: [N, 1, head_dim / 2] for the in-place kernel, else [N, 1, head_dim]
+    # with the two halves equal (the torch ops)
+    cos: torch.Tensor
+    sin: torch.Tensor
+    in_place: bool
 
 
 class VisionAttention(nn.Module):
@@ -111,9 +112,9 @@ class VisionAttention(nn.Module):
     ) -> torch.Tensor:  # [N, hidden]
         n, h, d = x.shape[0], self.num_heads, self.head_dim
         qkv = self.qkv(x).view(n, 3 * h, d)
-        if rope.half is not None:
+        if rope.in_place:
             # q and k heads are adjacent in each row: rotate them in place, one kernel
-            rotary_kernel.rotary_f32_(qkv[:, : 2 * h], *rope.half, d)
+            rotary_kernel.rotary_f32_(qkv[:, : 2 * h], rope.cos, rope.sin, d)
             q, k, v = qkv.view(n, 3, h, d).unbind(1)
         else:
             q, k, v = qkv.view(n, 3, h, d).unbind(1)
@@ -312,15 +313,15 @@ class VisionTower(nn.Module):
         exponent = torch.arange(quarter, dtype=torch.float32, device=h_pos.device) / quarter
         inv = 1.0 / (VISION_ROPE_THETA**exponent)  # [head_dim/4]
         angles = torch.cat((h_pos[:, None].float() * inv, w_pos[:, None].float() * inv), dim=-1)
-        cos_h, sin_h = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)  # [N, 1, head_dim/2]
-        cos, sin = torch.cat((cos_h, cos_h), dim=-1), torch.cat((sin_h, sin_h), dim=-1)
+        cos, sin = angles.cos().unsqueeze(1), angles.sin().unsqueeze(1)  # [N, 1, head_dim/2]
         # the in-place kernel serves inference only: training keeps the autograd-plain ops
-        kernel = (
+        if (
             triton_enabled(x)
             and not torch.is_grad_enabled()
-            and rotary_kernel.supported(x.view(x.shape[0], -1, d), cos_h, d, True)
-        )
-        return _Rope(cos, sin, (cos_h, sin_h) if kernel else None)
+            and rotary_kernel.supported(x.view(x.shape[0], -1, d), cos, d, True)
+        ):
+            return _Rope(cos, sin, in_place=True)
+        return _Rope(torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1), False)
 
 
 def _use_flash(q: torch.Tensor) -> bool:
