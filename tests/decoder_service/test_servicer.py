@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
@@ -79,6 +80,24 @@ def metric(port: int, name: str) -> float:
         for line in body.splitlines()
         if line.startswith(name + "{") or line.startswith(name + " ")
     )
+
+
+@pytest.fixture
+def slow_service(service, monkeypatch):
+    """The service with each engine step slowed by 5 ms for one test.
+
+    The tiny model can finish a whole long request within a gRPC round trip or a short deadline;
+    slowed, a long request needs over a second, so it is still in flight when the test acts on it.
+    """
+    engine = service[0].runtime.loop.engine
+    step = engine.step
+
+    def slow_step():
+        time.sleep(0.005)
+        return step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    return service
 
 
 def long_request(request_id: str = "") -> pb.GenerateRequest:
@@ -295,12 +314,13 @@ def test_images_are_served_although_one_encoder_address_is_dead(service):
         assert ids
 
 
-def test_client_cancel_and_deadline_abort_and_free_the_kv_cache(service):
-    decoder, client, metrics_port = service
+def test_client_cancel_and_deadline_abort_and_free_the_kv_cache(slow_service):
+    decoder, client, metrics_port = slow_service
+    engine = decoder.runtime.loop.engine
     aborted = metric(metrics_port, "vlm:num_aborted_requests_total")
     call = client.Generate(long_request(), timeout=60)
     next(call)
-    assert decoder.runtime.loop.engine.stats().kv_usage > 0
+    assert engine.stats().kv_usage > 0
     call.cancel()
     assert wait_for(lambda: engine_idle(decoder))
     with pytest.raises(grpc.RpcError) as err:
@@ -311,8 +331,8 @@ def test_client_cancel_and_deadline_abort_and_free_the_kv_cache(service):
     assert metric(metrics_port, "vlm:kv_cache_usage_perc") == 0
 
 
-def test_abort_by_id_ends_the_stream_with_abort(service):
-    decoder, client, _ = service
+def test_abort_by_id_ends_the_stream_with_abort(slow_service):
+    decoder, client, _ = slow_service
     call = client.Generate(long_request("job-7"), timeout=60)
     next(call)
     assert client.Abort(pb.AbortRequest(request_id="job-7"), timeout=5).found
@@ -322,8 +342,8 @@ def test_abort_by_id_ends_the_stream_with_abort(service):
     assert wait_for(lambda: engine_idle(decoder))
 
 
-def test_a_request_id_in_flight_cannot_be_reused(service):
-    decoder, client, _ = service
+def test_a_request_id_in_flight_cannot_be_reused(slow_service):
+    decoder, client, _ = slow_service
     call = client.Generate(long_request("twice"), timeout=60)
     next(call)
     with pytest.raises(grpc.RpcError) as err:
@@ -335,8 +355,8 @@ def test_a_request_id_in_flight_cannot_be_reused(service):
     assert wait_for(lambda: engine_idle(decoder))
 
 
-def test_a_full_queue_answers_resource_exhausted(service):
-    decoder, client, _ = service
+def test_a_full_queue_answers_resource_exhausted(slow_service):
+    decoder, client, _ = slow_service
     limit = decoder.runtime.max_active
     decoder.runtime.max_active = 1
     try:
