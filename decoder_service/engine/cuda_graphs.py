@@ -5,14 +5,17 @@ steps run (the same on every tensor-parallel rank): whether the Triton paged ker
 and which batch sizes get a graph (``capture_sizes``: 1, 2, 4, 8, 16, 24, 32, then every 16 up
 to ``max_num_seqs``; none on CPU, with ``--enforce-eager`` or with SDPA decode attention).
 ``DecodeGraphs(model, buffers, splits, max_model_len)`` captures, largest first into one shared
-memory pool, ``model(ids, positions, meta) -> hidden [size, H]`` (embedding, layers, final
-norm) reading only the fixed-address ``DecodeBuffers``; ``padded_size(b, sizes)`` is the graph a
-batch of ``b`` replays (None: larger than every graph, run eagerly). A step loads its padded
-batch into the buffers (``stage``) and ``run(size)`` replays; the returned hidden states are the
-graph's own output tensor, valid until the next replay. ``capture=False`` runs the same static
-forward eagerly (tests of the padding on CPU).
-What does not belong here: building the step's arrays (``model_runner.py``), sampling, the
-logits (computed eagerly from the replayed hidden states), mixed prefill/decode steps.
+memory pool, the whole decode step up to the picks: ``model(ids, positions, meta)`` (embedding,
+layers, final norm) reading only the fixed-address ``DecodeBuffers``, then
+``model.compute_logits`` (lm_head; under tensor parallelism its vocabulary gather) into a static
+float32 logits buffer and the rows' argmax into a static greedy-token buffer.
+``padded_size(b, sizes)`` is the graph a batch of ``b`` replays (None: larger than every graph,
+run eagerly). A step loads its padded batch into the buffers (``stage``) and ``run(size)``
+replays; it returns ``DecodeOutput(logits [size, V], greedy [size])``, views of the static
+buffers valid until the next replay (the engine reads a step's picks before it launches the
+next). ``capture=False`` runs the same static forward eagerly (tests of the padding on CPU).
+What does not belong here: building the step's arrays (``model_runner.py``), sampling other than
+the greedy argmax (the sampler, eagerly, from the replayed logits), mixed prefill/decode steps.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
@@ -48,6 +51,13 @@ def capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
         sizes.append(s)
         s += _STEP
     return (*sizes, max(max_num_seqs, 1))
+
+
+class DecodeOutput(NamedTuple):
+    """What a decode graph leaves in its static buffers (views, valid until the next replay)."""
+
+    logits: torch.Tensor  # [size, V] float32, padding rows last
+    greedy: torch.Tensor  # [size] int64, each row's argmax
 
 
 def padded_size(batch: int, sizes: tuple[int, ...]) -> int | None:
@@ -112,7 +122,9 @@ class DecodeGraphs:
         self._splits, self._max_len = splits, max_model_len
         self._meta: dict[int, AttentionMetadata] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._out: dict[int, torch.Tensor] = {}  # [size, H], the graphs' output tensors
+        # written by every graph, allocated outside the graphs' pool by the first forward
+        self._logits: torch.Tensor | None = None  # [max_seqs, V] float32
+        self._greedy = torch.empty(buffers.max_seqs, dtype=torch.int64, device=self.device)
 
     def meta(self, size: int) -> AttentionMetadata:
         """The one metadata object a graph of ``size`` was captured with (fixed tensors)."""
@@ -132,12 +144,21 @@ class DecodeGraphs:
             self._meta[size] = meta
         return meta
 
-    def _forward(self, size: int) -> torch.Tensor:  # [size, H]
+    def _forward(self, size: int) -> DecodeOutput:
         v, meta = self.buffers.batch(size), self.meta(size)
         # the SDPA path caches a gather plan built from the step's values on the metadata;
         # this metadata outlives the step (the kernel path caches nothing)
         meta._decode_plan = None
-        return self.model(v.ids, v.positions, meta)
+        hidden = self.model(v.ids, v.positions, meta)  # [size, H]
+        if self._logits is None:  # the first (eager) forward learns the vocabulary width
+            logits = self.model.compute_logits(hidden)
+            self._logits = logits.new_empty(self.buffers.max_seqs, logits.shape[1])
+            self._logits[:size].copy_(logits)
+        else:
+            self.model.compute_logits(hidden, out=self._logits[:size])
+        logits, greedy = self._logits[:size], self._greedy[:size]
+        torch.argmax(logits, dim=-1, out=greedy)
+        return DecodeOutput(logits, greedy)
 
     @torch.inference_mode()
     def capture(self, sizes: tuple[int, ...]) -> None:
@@ -151,6 +172,8 @@ class DecodeGraphs:
         # kernels and runs one-time probes (they synchronise) before any capture; every size
         # shares one memory pool, largest first so the smaller graphs reuse its blocks.
         pool = torch.cuda.graph_pool_handle()
+        if self._logits is None:  # allocate the static logits on this stream, outside the pool
+            self._forward(sizes[0])
         torch.cuda.synchronize(self.device)
         try:
             for size in reversed(sizes):
@@ -162,11 +185,10 @@ class DecodeGraphs:
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    out = self._forward(size)
-                self._graphs[size], self._out[size] = graph, out
+                    self._forward(size)
+                self._graphs[size] = graph
         except RuntimeError:
             self._graphs.clear()
-            self._out.clear()
             raise
         finally:
             torch.cuda.synchronize(self.device)
@@ -189,10 +211,10 @@ class DecodeGraphs:
         self.buffers.load(size, ids, positions, slots, logits_rows, seq_lens, tables)
         return size
 
-    def run(self, size: int) -> torch.Tensor:  # [size, H]
+    def run(self, size: int) -> DecodeOutput:
         self.replays += 1
         graph = self._graphs.get(size)
         if graph is None:  # not captured (CPU tests): the same forward, eagerly
             return self._forward(size)
         graph.replay()
-        return self._out[size]
+        return DecodeOutput(self._logits[:size], self._greedy[:size])

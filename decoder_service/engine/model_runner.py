@@ -215,21 +215,28 @@ class ModelRunner:
         if out.is_empty:
             return PendingStep([], [], None)
         step = self.prepare_inputs(out)
+        greedy = None  # [N] int64 argmax of the logits rows, when the graph computed it
         if step.graph_size:
-            hidden = self.graphs.run(step.graph_size)  # [graph_size, H], padding rows last
+            # the graph runs the lm_head (and its vocabulary gather under tensor parallelism)
+            # and the argmax too: its outputs are static views, padding rows last
+            decoded = self.graphs.run(step.graph_size)
+            if not step.sample_ids:
+                return PendingStep([], [], None)
+            logits = decoded.logits[step.logits_indices]
+            greedy = decoded.greedy[step.logits_indices]
         else:
             hidden = self.model(
                 step.input_ids, step.positions, step.meta, step.mm_embeds, step.mm_mask
             )
-        if not step.sample_ids:
-            return PendingStep([], [], None)
-        # NOTE: with tensor parallelism the lm_head gathers the vocabulary shards, a collective
-        # every rank must join even though only rank 0 samples.
-        logits = self.model.compute_logits(hidden[step.logits_indices])
+            if not step.sample_ids:
+                return PendingStep([], [], None)
+            # NOTE: with tensor parallelism the lm_head gathers the vocabulary shards, a
+            # collective every rank must join even though only rank 0 samples.
+            logits = self.model.compute_logits(hidden[step.logits_indices])
         if not sample:
             return PendingStep([], [], None)
         rows = [self.states[rid].sampling for rid in step.sample_ids]
-        return PendingStep(step.sample_ids, rows, self.sampler.launch(logits, rows))
+        return PendingStep(step.sample_ids, rows, self.sampler.launch(logits, rows, greedy))
 
     def _update_states(self, out: SchedulerOutput) -> None:
         for rid in out.dropped_request_ids:

@@ -69,16 +69,26 @@ class Sampler:
         # logits: [N, V] float32
         return self.launch(logits, rows).result()
 
-    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledBatch:
+    def launch(
+        self,
+        logits: torch.Tensor,  # [N, V] float32
+        rows: list[SamplingRow],
+        greedy: torch.Tensor | None = None,  # [N] int64 argmax of ``logits``, computed already
+    ) -> SampledBatch:
         """Queue the picks on the logits' device. Greedy rows without penalties only queue device
-        work; random rows and penalties copy small host tensors over, which waits for it."""
-        # logits: [N, V] float32
+        work (none at all when ``greedy`` is given); random rows and penalties copy small host
+        tensors over, which waits for it. ``greedy`` may be a buffer the caller reuses: it is
+        read, never written."""
         raw_logprobs = None
         if any(r.params.logprobs or r.params.top_logprobs for r in rows):
             raw_logprobs = torch.log_softmax(logits.float(), dim=-1)
-        logits = apply_penalties(logits.float(), rows)
-        tokens = logits.argmax(dim=-1)
+        penalised = apply_penalties(logits.float(), rows)
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+        if greedy is not None and penalised is logits and not random_rows:
+            tokens = greedy
+        else:
+            tokens = penalised.argmax(dim=-1)
+        logits = penalised
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
             drawn = _sample_rows(logits[idx], [rows[i] for i in random_rows])

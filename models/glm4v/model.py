@@ -6,7 +6,7 @@ be left out (encoder processes build only the tower, decoder ranks only the text
 - ``forward(input_ids [T], positions [3, T], meta, mm_embeds [N_mm, H] | None,
   mm_mask [T] bool | None) -> hidden [T, H]`` writes ``mm_embeds`` (in order) over the token
   embeddings where ``mm_mask`` is set, then runs the decoder.
-- ``compute_logits(hidden [N, H]) -> [N, V] float32``.
+- ``compute_logits(hidden [N, H], out=None) -> [N, V] float32`` (written into ``out`` when given).
 - ``load_weights(iterable of (checkpoint name, tensor)) -> LoadReport`` maps checkpoint names
   (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``) onto the fused parameters
   through their weight loaders; ``checkpoint_names()`` lists every tensor the built parts need.
@@ -124,10 +124,16 @@ class Glm4vMoeForCausalLM(nn.Module):
             embeds[mm_mask] = mm_embeds.to(embeds.dtype)
         return lm(input_ids, positions, meta, inputs_embeds=embeds)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, V] float32
+    def compute_logits(
+        self,
+        hidden: torch.Tensor,  # [N, H]
+        out: torch.Tensor | None = None,  # [N, V] float32 to write into (a static graph buffer)
+    ) -> torch.Tensor:  # [N, V] float32
         if self.lm_head is None:
             raise RuntimeError("this model was built without the text decoder")
-        return self.lm_head(hidden).float()
+        logits = self.lm_head(hidden)
+        # the cast to float32 is the one copy either way: into a new tensor or into ``out``
+        return logits.float() if out is None else out.copy_(logits)
 
     def _text(self) -> Glm4vMoeTextModel:
         if self.language_model is None:

@@ -3,9 +3,10 @@ against eager steps.
 
 CPU: the bucket and padding functions against brute force; the flag reaches the config and the
 decode settings; a CPU runner never captures; and the padded static-buffer forward that the
-graphs replay (run eagerly here) gives the same greedy tokens as the normal eager steps for
-mixed batches of 3, 5 and 33 requests (text and image prompts of different lengths, requests
-finishing at different steps, so the batch shrinks through padded sizes).
+graphs replay (run eagerly here: lm_head and argmax included) gives the same tokens as the
+normal eager steps for mixed batches of 3, 5 and 33 requests (text and image prompts of different
+lengths, requests finishing at different steps, so the batch shrinks through padded sizes), all
+greedy or mixed with seeded random, penalised and log-probability rows.
 GPU: the same batches with captured graphs against ``--enforce-eager`` on both tiny checkpoints
 (bfloat16), and the Triton decode kernel against the SDPA path inside the model (float32).
 """
@@ -118,15 +119,28 @@ def _engine(model, model_config, execution: ExecutionConfig, num_blocks=512) -> 
     return LLMEngine(model, model_config, config)
 
 
-def _run(engine: LLMEngine, prompts, n: int, logprobs=False) -> list[CompletedRequest]:
+def _mixed(i: int) -> dict:
+    """Sampling settings that leave the graph's greedy picks unused for some batches."""
+    return [
+        {},
+        {"temperature": 0.9, "top_p": 0.9, "seed": 100 + i},
+        {"repetition_penalty": 1.3},
+        {"logprobs": True, "top_logprobs": 3},
+    ][i % 4]
+
+
+def _run(engine: LLMEngine, prompts, n: int, logprobs=False, mixed=False) -> list[CompletedRequest]:
     for i in range(n):
         spec = prompts[i % len(prompts)]
         params = SamplingParams(
-            temperature=0,
-            max_tokens=2 + i % 6,  # requests finish at different steps: the batch shrinks
-            ignore_eos=True,
-            logprobs=logprobs,
-            top_logprobs=5 if logprobs else 0,
+            **{
+                "temperature": 0,
+                "max_tokens": 2 + i % 6,  # requests finish at different steps: the batch shrinks
+                "ignore_eos": True,
+                "logprobs": logprobs,
+                "top_logprobs": 5 if logprobs else 0,
+                **(_mixed(i) if mixed else {}),
+            }
         )
         items = spec.fresh_items()
         engine.add_request(str(i), spec.prompt_ids, params, items, spec.positions, spec.rope_delta)
@@ -154,10 +168,13 @@ def test_cpu_runner_never_captures(ours, monkeypatch) -> None:
     assert len(engine.run_to_completion()["a"].token_ids) == 3
 
 
-@pytest.mark.parametrize("n", [3, 5, 33])
-def test_padded_static_decode_equals_eager_steps_on_cpu(ours, prompts, n: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "mixed"), [(3, False), (5, False), (33, False), (3, True), (33, True)]
+)
+def test_padded_static_decode_equals_eager_steps_on_cpu(ours, prompts, n: int, mixed) -> None:
     model, model_config, _ = ours
-    want = [r.token_ids for r in _run(_engine(model, model_config, ExecutionConfig()), prompts, n)]
+    eager = _engine(model, model_config, ExecutionConfig())
+    want = [r.token_ids for r in _run(eager, prompts, n, mixed=mixed)]
     engine = _engine(model, model_config, ExecutionConfig())
     runner = engine.runner
     cols = -(-MAX_LEN // runner.block_size)
@@ -174,7 +191,7 @@ def test_padded_static_decode_equals_eager_steps_on_cpu(ours, prompts, n: int) -
         return size
 
     graphs.stage = recording_stage
-    got = [r.token_ids for r in _run(engine, prompts, n)]
+    got = [r.token_ids for r in _run(engine, prompts, n, mixed=mixed)]
     assert got == want
     assert graphs.replays > 0 and any(size and size > b for b, size in staged)  # padded
 

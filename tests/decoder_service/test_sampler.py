@@ -26,6 +26,20 @@ def test_greedy_picks_the_argmax_per_row():
     assert Sampler()(logits, rows).token_ids == logits.argmax(-1).tolist()
 
 
+def test_precomputed_greedy_picks_serve_plain_greedy_batches_and_are_never_written():
+    logits = torch.randn(4, 50)
+    greedy_rows = [SamplingRow(SamplingParams(temperature=0), [], [])] * 4
+    picks = torch.tensor([7, 8, 9, 10])  # not the argmax: shows which tokens were taken
+    assert Sampler().launch(logits, greedy_rows, picks).result().token_ids == [7, 8, 9, 10]
+    # a penalised or a random row needs the argmax of other logits: the picks are left alone
+    penalised = [*greedy_rows[:3], SamplingRow(SamplingParams(repetition_penalty=1.5), [1], [])]
+    random = [*greedy_rows[:3], SamplingRow(SamplingParams(temperature=1.0, seed=3), [], [])]
+    for rows in (penalised, random):
+        got = Sampler().launch(logits, rows, picks).result().token_ids
+        assert got[:3] == logits[:3].argmax(-1).tolist()
+        assert picks.tolist() == [7, 8, 9, 10]
+
+
 def test_temperature_one_follows_the_distribution():
     torch.manual_seed(0)
     freq = torch.bincount(draw(SamplingParams(temperature=1.0)), minlength=4) / 4000
