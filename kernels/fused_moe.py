@@ -22,10 +22,17 @@ There is no slot limit: prefill-sized FP8 batches take the same kernels with 64-
 
 Steps, none of which reads a device value on the host (the whole call can be captured in a CUDA
 graph):
-1. ``align_slots`` (torch ops): the ``T*K`` flat slots ``t*K + k`` sorted by local expert, each
-   expert's group padded to a multiple of ``BLOCK_M`` with the sentinel ``T*K``, into a static
-   ``max_padded_rows`` buffer; ``block_expert`` names each row block's expert and ``num_padded``
-   (a device scalar) how many rows are in use.
+1. ``align_slots_triton`` (one single-program launch, ``_align_kernel``): the ``T*K`` flat slots
+   ``t*K + k`` sorted by local expert, each expert's group padded to a multiple of ``BLOCK_M``
+   with the sentinel ``T*K``, into a static ``max_padded_rows`` buffer; ``block_expert`` names
+   each row block's expert and ``num_padded`` (a device scalar) how many rows are in use. It is
+   a counting sort in registers: per-expert counts (``tl.histogram``), their padded exclusive
+   prefix sum (``tl.cumsum``), then chunk by chunk in slot order each slot's rank among the
+   earlier slots of its expert (a chunk-square comparison plus the running per-expert counts of
+   the chunks before), scattered to its row. Integer counts only and no atomics (a row has one
+   writer; a block's slots all write the same expert id): the result is ``align_slots``'s bit for
+   bit. ``align_slots`` (torch ops) is the reference, the path without Triton and the path for
+   prefill-sized FP8 batches past ``MAX_SLOTS``, where one program's serial chunks would be slow.
 2. ``_gate_up_kernel``, grid (row blocks, I tiles): gathers the block's token rows of ``x``,
    multiplies them by the expert's gate and up tiles at once and stores ``silu(g) * u`` into
    ``h [max_padded, I]``; blocks at or past ``num_padded`` exit at once, sentinel rows are skipped.
@@ -116,6 +123,39 @@ def align_slots(
     return AlignedSlots(slot_ids, block_expert, padded_starts[e:])
 
 
+ALIGN_ROW_CHUNK = 1024  # rows per step of the kernel's sentinel fill
+
+
+def align_slots_triton(
+    ids: torch.Tensor,  # [T, K] int64 global expert ids
+    num_experts: int,  # E_local
+    expert_start: int = 0,
+    block_m: int = BLOCK_M,  # rows per block, a power of two
+) -> AlignedSlots:
+    """``align_slots`` in one Triton launch of one program, for ``T*K <= MAX_SLOTS``: the same
+    three outputs, bit for bit. Ids outside ``[expert_start, expert_start + E_local)`` are always
+    dropped (the torch version's ``foreign_slots=True``; with only local ids the two agree)."""
+    num_slots = ids.numel()
+    rows = max_padded_rows(num_slots, num_experts, block_m)
+    slot_ids = torch.empty(rows, dtype=torch.int64, device=ids.device)  # [max_padded]
+    block_expert = torch.empty(rows // block_m, dtype=torch.int32, device=ids.device)
+    num_padded = torch.empty(1, dtype=torch.int64, device=ids.device)
+    width = max(32, triton.next_power_of_2(num_slots))
+    rank_chunk = min(128, width)
+    # NOTE: one program by design: the counts must be complete before any slot is placed, and a
+    # second program could only learn them through atomics or a grid-wide barrier. One slot of a
+    # rank chunk per thread (1 to 4 warps): a decode batch runs on one warp, and no histogram
+    # input is replicated across threads (the lowering divides such counts back, but need not).
+    _align_kernel[(1,)](
+        ids.reshape(-1), slot_ids, block_expert, num_padded,
+        num_slots, num_experts, expert_start, rows,
+        BLOCK_M=block_m, EXPERTS=max(32, triton.next_power_of_2(num_experts)),
+        COUNT_CHUNK=min(1024, width), RANK_CHUNK=rank_chunk, ROW_CHUNK=ALIGN_ROW_CHUNK,
+        num_warps=rank_chunk // 32,
+    )  # fmt: skip
+    return AlignedSlots(slot_ids, block_expert, num_padded)
+
+
 def supported(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, fp8: bool = False
 ) -> bool:
@@ -177,7 +217,7 @@ def fused_experts(
     route_ids: torch.Tensor,  # [T, K] int64 global expert ids
     expert_start: int = 0,
     foreign_slots: bool = True,  # False only when every routed id is a local expert
-    edges: torch.Tensor | None = None,  # [E_local + 1] int64 0..E_local, reused across calls
+    edges: torch.Tensor | None = None,  # [E_local + 1] int64 0..E_local; past MAX_SLOTS only
     w13_scale: torch.Tensor | None = None,  # [E_local, 2I, 1] float32 with FP8 w13
     w2_scale: torch.Tensor | None = None,  # [E_local, H, 1] float32 with FP8 w2
 ) -> torch.Tensor:  # [T, H] float32
@@ -203,7 +243,10 @@ def fused_experts(
         x = x.contiguous()
     slots = t * k
     block_m = _block_m(slots)
-    aligned = align_slots(route_ids, e, expert_start, foreign_slots, edges, block_m)
+    if slots <= MAX_SLOTS:  # decode: one launch instead of ~15 small torch kernels
+        aligned = align_slots_triton(route_ids, e, expert_start, block_m)
+    else:
+        aligned = align_slots(route_ids, e, expert_start, foreign_slots, edges, block_m)
     rows = aligned.sorted_slot_ids.numel()
     blocks = rows // block_m
     up_cfg, down_cfg = _tile_configs(slots, fp8)
@@ -336,3 +379,59 @@ if triton is not None:
             acc = acc * tl.load(s_ptr + expert * stride_se + wcols)[None, :]
         out_ptrs = y_ptr + slots[:, None] * stride_y + cols[None, :]
         tl.store(out_ptrs, acc, mask=real[:, None] & (cols[None, :] < hidden))
+
+    @triton.jit
+    def _local_experts(ids_ptr, slots, num_slots, num_experts, expert_start):
+        # (local expert, is local): other ranks' slots and lanes past the end read as expert 0
+        # with is-local off, so every histogram bin and gather index stays in range
+        ids = tl.load(ids_ptr + slots, mask=slots < num_slots, other=-1)
+        local = ids - expert_start
+        owned = (slots < num_slots) & (local >= 0) & (local < num_experts)
+        return tl.where(owned, local, 0).to(tl.int32), owned
+
+    @triton.jit
+    def _align_kernel(
+        ids_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
+        num_slots, num_experts, expert_start, rows,
+        BLOCK_M: tl.constexpr, EXPERTS: tl.constexpr, COUNT_CHUNK: tl.constexpr,
+        RANK_CHUNK: tl.constexpr, ROW_CHUNK: tl.constexpr,
+    ):  # fmt: skip
+        # 1. slots per local expert; bins past E_local stay empty
+        counts = tl.zeros((EXPERTS,), dtype=tl.int32)
+        for first in range(0, num_slots, COUNT_CHUNK):
+            expert, owned = _local_experts(
+                ids_ptr, first + tl.arange(0, COUNT_CHUNK), num_slots, num_experts, expert_start
+            )
+            counts += tl.histogram(expert, EXPERTS, mask=owned)
+        # 2. each group rounded up to whole blocks; starts: its first row (exclusive prefix sum)
+        padded = (counts + (BLOCK_M - 1)) // BLOCK_M * BLOCK_M  # [EXPERTS]
+        starts = tl.cumsum(padded, 0) - padded
+        used = tl.sum(padded, 0)
+        tl.store(num_padded_ptr, used.to(tl.int64))
+        # 3. sentinels: each group's < BLOCK_M pad rows, then every row past the groups. Real
+        # slots take the other rows, so no row has two writers and no barrier orders them.
+        pads = padded - counts  # [EXPERTS] < BLOCK_M
+        for pad in range(0, BLOCK_M - 1):  # one [EXPERTS] vector at a time: few registers
+            rows_at = slot_ptr + starts + counts + pad
+            tl.store(rows_at, tl.zeros((EXPERTS,), tl.int64) + num_slots, pad < pads)
+        for first in range(0, rows, ROW_CHUNK):
+            row = first + tl.arange(0, ROW_CHUNK)
+            tail = (row >= used) & (row < rows)
+            tl.store(slot_ptr + row, tl.zeros((ROW_CHUNK,), tl.int64) + num_slots, tail)  # sentinel
+            # a block past the groups names E_local, written once from its first row
+            unused = tl.zeros((ROW_CHUNK,), tl.int32) + num_experts
+            tl.store(block_expert_ptr + row // BLOCK_M, unused, tail & (row % BLOCK_M == 0))
+        # 4. in slot order, chunk by chunk: a slot's row is its group's start plus the earlier
+        # slots of its expert (those of earlier chunks are already in starts), so each group
+        # keeps token order. Every block of a group holds at least one real slot, so the real
+        # slots also write every used block's expert (all of one block's writers agree).
+        lane = tl.arange(0, RANK_CHUNK)
+        before = lane[None, :] < lane[:, None]  # [RANK_CHUNK, RANK_CHUNK]: column j precedes row i
+        for first in range(0, num_slots, RANK_CHUNK):
+            slots = first + lane
+            expert, owned = _local_experts(ids_ptr, slots, num_slots, num_experts, expert_start)
+            same = (expert[:, None] == expert[None, :]) & owned[None, :] & before
+            row = tl.gather(starts, expert, 0) + tl.sum(same.to(tl.int32), 1)  # [RANK_CHUNK]
+            tl.store(slot_ptr + row, slots.to(tl.int64), owned)
+            tl.store(block_expert_ptr + row // BLOCK_M, expert, owned)
+            starts += tl.histogram(expert, EXPERTS, mask=owned)

@@ -1,7 +1,8 @@
 """Fused-MoE slot alignment and Triton expert kernels against the per-expert loop.
 
-The alignment is torch only and is checked directly. The kernels run compiled on a GPU and on
-CPU under Triton's interpreter in a fresh pytest process (``test_cases_pass_under_the_interpreter``);
+The torch alignment is checked directly (the Triton one against it in ``test_moe_align.py``).
+The kernels run compiled on a GPU and on CPU under Triton's interpreter in a fresh pytest process
+(``test_cases_pass_under_the_interpreter``), the decode-sized cases with the Triton alignment;
 ``experts_reference`` (``models/layers/moe.py``) is the reference, on fresh random inputs with
 empty experts, repeated experts, one crowded expert and other ranks' experts. The interpreter
 multiplies bfloat16 tiles as their raw uint16 bits, so under it the tests widen bfloat16 dot
