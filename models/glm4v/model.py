@@ -9,7 +9,8 @@ be left out (encoder processes build only the tower, decoder ranks only the text
 - ``compute_logits(hidden [N, H], out=None) -> [N, V] float32`` (written into ``out`` when given).
 - ``load_weights(iterable of (checkpoint name, tensor)) -> LoadReport`` maps checkpoint names
   (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``) onto the fused parameters
-  through their weight loaders; ``checkpoint_names()`` lists every tensor the built parts need.
+  through their weight loaders (a shared expert's tensors land in its stacked expert slots when
+  the MoE block holds it there); ``checkpoint_names()`` lists every tensor the built parts need.
 - ``fp8=True`` keeps the text decoder's projection and expert weights as FP8 codes with
   per-output-channel scales (``models/layers/fp8.py``); ``load_weights`` then also takes
   ``<weight name>_scale`` ``[out, 1]`` tensors, and ``fp8_checkpoint_name(name)`` says which
@@ -34,13 +35,14 @@ from models.glm4v.errors import CheckpointError
 from models.glm4v.text_model import Glm4vMoeTextModel
 from models.layers.attention import AttentionMetadata
 from models.layers.fp8 import convert_to_fp8
-from models.layers.linear import ColumnParallelLinear, default_weight_loader
+from models.layers.linear import ColumnParallelLinear, check_shape, default_weight_loader
 
 TEXT_PREFIX = "model.language_model."
 VISION_PREFIX = "model.visual."
 LM_HEAD = "lm_head.weight"
 
-# checkpoint sub-name -> (our fused sub-name, shard id); text decoder only
+# checkpoint sub-name -> (our fused sub-name, shard id). The vision tower's SwiGLUs (block MLPs,
+# merger) stack gate|up as the text MLPs do; it has no q/k/v tensors (its qkv is one tensor)
 _STACKED = (
     (".self_attn.q_proj.", ".self_attn.qkv_proj.", "q"),
     (".self_attn.k_proj.", ".self_attn.qkv_proj.", "k"),
@@ -49,12 +51,21 @@ _STACKED = (
     (".up_proj.", ".gate_up_proj.", 1),
 )
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight(_scale)?$")
+_SHARED = re.compile(r"^(layers\.\d+\.mlp)\.shared_experts\.(gate|up|down)_proj\.weight(_scale)?$")
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 _EXPERT_SHARD = {
     "gate": ("w13_weight", "w1"),
     "up": ("w13_weight", "w3"),
     "down": ("w2_weight", "w2"),
 }
+
+
+def _stacked(sub: str) -> tuple[str, object]:
+    """A checkpoint sub-name -> (our parameter's sub-name, shard id); shard None: not stacked."""
+    for ckpt_part, ours, shard in _STACKED:
+        if ckpt_part in "." + sub:
+            return ("." + sub).replace(ckpt_part, ours, 1)[1:], shard
+    return sub, None
 
 
 def build_vision_tower(config: ModelConfig, dtype: torch.dtype | None) -> nn.Module:
@@ -147,7 +158,10 @@ class Glm4vMoeForCausalLM(nn.Module):
         loaded: set[str] = set()
         unexpected: list[str] = []
         for name, tensor in weights:
-            targets = self._targets(name, tensor)
+            try:
+                targets = self._targets(name, tensor)
+            except CheckpointError as exc:
+                raise CheckpointError(f"tensor {name!r}: {exc}") from exc
             if targets is None:
                 continue  # part not built here, or a tensor the model never uses (MTP layers)
             if not targets:
@@ -178,11 +192,10 @@ class Glm4vMoeForCausalLM(nn.Module):
     ) -> list[tuple[str, torch.Tensor, object]] | None:
         """(our param, tensor part, shard id) list; [] = unknown name; None = skip quietly."""
         if name.startswith(VISION_PREFIX):
-            return (
-                None
-                if self.visual is None
-                else [("visual." + name[len(VISION_PREFIX) :], tensor, None)]
-            )
+            if self.visual is None:
+                return None
+            param, shard = _stacked(name[len(VISION_PREFIX) :])
+            return [(f"visual.{param}", tensor, shard)]
         if name == LM_HEAD:
             return None if self.lm_head is None else [("lm_head.weight", tensor, None)]
         if not name.startswith(TEXT_PREFIX):
@@ -203,12 +216,36 @@ class Glm4vMoeForCausalLM(nn.Module):
             param += m.group(4) or ""  # "_scale" for an FP8 weight's scale
             out.append((f"language_model.{m.group(1)}.{param}", tensor, (shard, int(m.group(2)))))
             return out
-        for ckpt_part, ours, shard in _STACKED:
-            if ckpt_part in "." + sub:
-                fused = ("." + sub).replace(ckpt_part, ours, 1)[1:]
-                return [(f"language_model.{fused}", tensor, shard)]
+        if (m := _SHARED.match(sub)) and (slotted := self._shared_slots(m.group(1), m, tensor)):
+            return slotted
+        param, shard = _stacked(sub)
+        if shard is not None:
+            return [(f"language_model.{param}", tensor, shard)]
         out.append((f"language_model.{sub}", tensor, None))
         return out
+
+    def _shared_slots(
+        self, block: str, m: re.Match, tensor: torch.Tensor
+    ) -> list[tuple[str, torch.Tensor, object]]:
+        """A shared-expert tensor of width n*I as the n expert slots E..E+n-1 it fills, when
+        the block holds its shared experts in the stacked slots; [] when it does not."""
+        experts = self._text().get_submodule(block).experts
+        n = experts.num_shared
+        if not n:
+            return []
+        kind, scale = m.group(2), m.group(3) or ""
+        param, shard = _EXPERT_SHARD[kind]
+        target = f"language_model.{block}.experts.{param}{scale}"
+        inter, hidden = experts.intermediate_size, experts.hidden_size
+        if not scale:  # the whole tensor first: a slice of a wrong-sized one would load quietly
+            check_shape(tensor, (hidden, n * inter) if kind == "down" else (n * inter, hidden))
+        if kind != "down":  # gate/up rows (and their per-row scales): slot j holds rows j*I..
+            parts = [tensor.narrow(0, j * inter, inter) for j in range(n)]
+        elif scale:  # the down projection's per-row scales cover every slot's columns
+            parts = [tensor] * n
+        else:  # the down projection's columns
+            parts = [tensor.narrow(1, j * inter, inter) for j in range(n)]
+        return [(target, part, (shard, experts.num_experts + j)) for j, part in enumerate(parts)]
 
     def fp8_checkpoint_name(self, name: str) -> bool:
         """Whether the checkpoint weight ``name`` lands in an FP8 parameter of this model: the
@@ -223,7 +260,9 @@ class Glm4vMoeForCausalLM(nn.Module):
         """Every checkpoint tensor the built parts need (the loader reports the missing ones)."""
         names: list[str] = []
         if self.visual is not None:
-            names += [VISION_PREFIX + n for n, _ in self.visual.named_parameters()]
+            # the tower's state_dict speaks checkpoint names (gate_proj / up_proj, not its
+            # stacked gate_up_proj parameters)
+            names += [VISION_PREFIX + n for n in self.visual.state_dict()]
         if self.language_model is None:
             return names
         tc = self.config.text

@@ -4,7 +4,9 @@ Contract: ``Glm4vMoeTextModel(TextConfig, dtype).forward(input_ids [T], position
 inputs_embeds [T, H] | None) -> hidden [T, H]`` (final norm applied, no lm_head). Sequences are
 packed back to back as ``meta`` describes; there is no padding. Layers below
 ``first_k_dense_replace`` use a dense SwiGLU MLP, the others the sigmoid-routed MoE plus an
-always-on shared expert. Attention: q/k/v with bias, o without, GQA, scale head_dim^-0.5,
+always-on shared expert. Without expert parallelism the shared expert is held as extra slots of
+the stacked routed experts (``mlp.experts``, ``num_shared``) and runs in the same expert
+kernels; under expert parallelism it is a separate MLP (``mlp.shared_experts``). Attention: q/k/v with bias, o without, GQA, scale head_dim^-0.5,
 partial M-RoPE. Parameter names mirror the checkpoint's after q/k/v and gate/up fusion
 (``self_attn.qkv_proj``, ``mlp.gate_up_proj``, ``mlp.experts.w13_weight``...).
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.distributed import tensor_model_parallel_all_reduce
+from models.distributed import get_parallel_state, tensor_model_parallel_all_reduce
 from models.glm4v.config import TextConfig
 from models.layers.activation import SiluAndMul
 from models.layers.attention import Attention, AttentionMetadata
@@ -103,8 +105,18 @@ class Glm4vMoeSparseBlock(nn.Module):
             norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor,
         )
+        state = get_parallel_state()
+        # one shared expert of width n*I is n experts of width I (the down projection is linear
+        # in the intermediate units), so it can ride in n extra stacked slots; under expert
+        # parallelism each rank would hold it whole and the all-reduce would count it n times
+        in_slots = not (state.expert_parallel and state.world_size > 1)
+        self.num_shared = cfg.n_shared_experts
         self.experts = FusedMoE(
-            cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, dtype=dtype
+            cfg.n_routed_experts,
+            cfg.hidden_size,
+            cfg.moe_intermediate_size,
+            dtype=dtype,
+            num_shared=cfg.n_shared_experts if in_slots else 0,
         )
         self.shared_experts = (
             Glm4vMoeMLP(
@@ -113,12 +125,12 @@ class Glm4vMoeSparseBlock(nn.Module):
                 dtype,
                 reduce_results=False,
             )
-            if cfg.n_shared_experts > 0
+            if cfg.n_shared_experts > 0 and not in_slots
             else None
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        routed = self.experts(x, self.gate(x))  # float32 partial
+        routed = self.experts(x, self.gate(x))  # float32 partial (with the slotted shared)
         out = routed.to(x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

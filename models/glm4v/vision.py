@@ -8,14 +8,20 @@ or one temporal patch of a video (h*w patches), so a video of t temporal patches
 
 On CUDA at inference the rotary runs in place on the fused qkv rows (``kernels/rotary.py``'s
 float32 variant, rounded once like the torch ops), each residual add rides in the next RMSNorm
-kernel, SwiGLU's gate is one kernel, and same-sized segments (a batch of equal images) attend in
-one batched SDPA call over strided views; training and CPU keep the plain torch ops.
+kernel, each SwiGLU (block MLPs and the merger) is one gate|up GEMM and one SiLU-mul kernel, and
+same-sized segments (a batch of equal images) attend in one batched SDPA call over strided views;
+training and CPU keep the plain torch ops. The patch embedding and the downsample conv are
+kernel == stride convolutions, so each runs as one GEMM over views of its input.
 
-Parameter names below ``VisionTower`` equal the checkpoint names after ``model.visual.``
-(``patch_embed.proj.weight`` [hidden, C, T, P, P], ``blocks.{i}.attn.qkv.weight``, ...), so a
-loader maps ``model.visual.X`` to ``visual.X`` without renaming.
+Names: ``state_dict()`` keys equal the checkpoint names after ``model.visual.``
+(``patch_embed.proj.weight`` [hidden, C, T, P, P], ``blocks.{i}.mlp.gate_proj.weight``, ...) and
+``load_state_dict`` takes them. Parameters equal them too except each SwiGLU's stacked
+``gate_up_proj.weight`` [2I, D], which holds the checkpoint's ``gate_proj`` rows then its
+``up_proj`` rows: a loader maps ``model.visual.X`` to ``visual.X``, ``gate_proj`` / ``up_proj``
+to that weight's ``weight_loader`` with shard 0 / 1.
 
-Not here: preprocessing (``processing/``), weight loading, batching across requests.
+Not here: preprocessing (``processing/``), reading checkpoints and mapping their names
+(``loader.py``, ``model.py``), batching across requests.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from torch import nn
 from kernels import rotary as rotary_kernel
 from kernels.dispatch import triton_enabled
 from models.glm4v.config import VisionConfig
-from models.layers.activation import silu_mul
+from models.layers.activation import silu_and_mul
+from models.layers.linear import check_shape, default_weight_loader
 from models.layers.norm import RMSNorm
 
 try:  # optional GPU dependency
@@ -121,8 +128,10 @@ class VisionAttention(nn.Module):
             q = (q.float() * rope.cos + _rotate_half(q.float()) * rope.sin).to(x.dtype)
             k = (k.float() * rope.cos + _rotate_half(k.float()) * rope.sin).to(x.dtype)
         if _use_flash(q):
+            # q, k and v alike are strided views of the qkv rows (last dim contiguous), a
+            # layout flash-attn reads as is: no copy of v
             out = flash_attn_varlen_func(
-                q, k, v.contiguous(),
+                q, k, v,
                 cu_seqlens_q=segments.cu_seqlens, cu_seqlens_k=segments.cu_seqlens,
                 max_seqlen_q=segments.max_len, max_seqlen_k=segments.max_len,
                 softmax_scale=self.scale, causal=False,
@@ -152,14 +161,52 @@ class VisionAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` with gate and up as one GEMM into one buffer.
+
+    ``gate_up_proj.weight`` [2I, D] stacks the checkpoint's ``gate_proj.weight`` rows, then its
+    ``up_proj.weight`` rows (no biases: GLM-4V's vision MLPs have none). Its ``weight_loader``
+    copies one half (shard 0 = gate, 1 = up) or both stacked (shard None), and ``state_dict()`` /
+    ``load_state_dict()`` speak the checkpoint's two names, so transformers' tower state loads
+    as is and ours loads into transformers'. Replicated, not tensor-parallel: the tower runs
+    whole on one device.
+    """
+
     def __init__(self, dim: int, inner: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, inner, bias=False)
-        self.up_proj = nn.Linear(dim, inner, bias=False)
+        self.gate_up_proj = nn.Linear(dim, 2 * inner, bias=False)
+        self.gate_up_proj.weight.weight_loader = _load_gate_up
         self.down_proj = nn.Linear(inner, dim, bias=False)
+        self.register_state_dict_post_hook(_split_gate_up)
+        self.register_load_state_dict_pre_hook(_stack_gate_up)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, dim] -> [N, dim]
+        # silu_and_mul reads the gate and up halves of the [N, 2I] output as strided views
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+_GATE_UP, _HALVES = "gate_up_proj.weight", ("gate_proj.weight", "up_proj.weight")
+
+
+def _load_gate_up(param: torch.Tensor, loaded: torch.Tensor, shard_id: object = None) -> None:
+    """``param`` [2I, D] from the checkpoint's gate (shard 0) or up (1) tensor [I, D]."""
+    if shard_id is None:
+        default_weight_loader(param, loaded)
+        return
+    rows = param.shape[0] // 2
+    check_shape(loaded, (rows, *param.shape[1:]))
+    param.data.narrow(0, int(shard_id) * rows, rows).copy_(loaded)
+
+
+def _split_gate_up(module: nn.Module, state: dict, prefix: str, _meta: object) -> None:
+    fused = state.pop(prefix + _GATE_UP)
+    for name, half in zip(_HALVES, fused.chunk(2, dim=0), strict=True):
+        state[prefix + name] = half  # views of the stacked weight: no copy
+
+
+def _stack_gate_up(module: nn.Module, state: dict, prefix: str, *_args: object) -> None:
+    names = [prefix + n for n in _HALVES]
+    if all(n in state for n in names):  # else load_state_dict reports what is missing
+        state[prefix + _GATE_UP] = torch.cat([state.pop(n) for n in names])
 
 
 class VisionBlock(nn.Module):
@@ -187,18 +234,17 @@ class VisionBlock(nn.Module):
         return self.mlp(h), residual
 
 
-class PatchMerger(nn.Module):
+class PatchMerger(SwiGLU):
+    """``proj`` -> LayerNorm -> exact GELU -> the SwiGLU, whose ``gate_up_proj`` / ``down_proj``
+    sit directly under ``merger.`` as the checkpoint's ``merger.gate_proj`` ... do."""
+
     def __init__(self, dim: int, inner: int) -> None:
-        super().__init__()
+        super().__init__(dim, inner)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.post_projection_norm = nn.LayerNorm(dim, eps=1e-5)
-        self.gate_proj = nn.Linear(dim, inner, bias=False)
-        self.up_proj = nn.Linear(dim, inner, bias=False)
-        self.down_proj = nn.Linear(inner, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, dim]
-        x = F.gelu(self.post_projection_norm(self.proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [M, dim] -> [M, dim]
+        return super().forward(F.gelu(self.post_projection_norm(self.proj(x))))
 
 
 class _Segments:
@@ -238,6 +284,13 @@ class VisionTower(nn.Module):
         self.downsample = nn.Conv2d(
             cfg.hidden_size, cfg.out_hidden_size, kernel_size=self.merge, stride=self.merge
         )
+        # NOTE: the weight [out, C, m, m] is kept channels-last (memory order out, m, m, C): the
+        # order of a merge block's m*m consecutive C-wide patch rows, so the forward's GEMM
+        # reads the activations and the weight where they lie, with no copy of either. .to()
+        # and the loaders' copy_ keep the layout; a weight that lost it still computes right
+        # (the forward's reshape then copies the weight, which is smaller than the activations).
+        w = self.downsample.weight
+        w.data = w.data.contiguous(memory_format=torch.channels_last)
         self.merger = PatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
         # one masked SDPA call over all segments padded to the longest (without flash-attn):
         # faster for many small images, as in training; the default loops over segments
@@ -280,11 +333,12 @@ class VisionTower(nn.Module):
             else self.post_layernorm.add_forward(x, residual).out
         )
 
-        # each run of merge**2 consecutive patches is one merge block (processor layout)
+        # each run of merge**2 consecutive patches is one merge block (processor layout): a
+        # row of the [N / m**2, m*m*C] view, contracted with the weight in (m, m, C) order
         m, c = self.merge, x.shape[-1]
-        blocks = x.view(-1, m, m, c).permute(0, 3, 1, 2).reshape(-1, c * m * m)
-        w = self.downsample.weight
-        x = F.linear(blocks, w.reshape(w.shape[0], -1), self.downsample.bias)
+        w = self.downsample.weight  # [out, C, m, m], channels-last
+        w2 = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)  # [out, m*m*C], a view
+        x = F.linear(x.reshape(-1, m * m * c), w2, self.downsample.bias)  # a view: x is contiguous
         return self.merger(x)
 
     def _patch_positions(

@@ -8,23 +8,28 @@ Contract:
   the Triton kernel of ``kernels/moe_routing.py`` unless ``kernels.dispatch`` says no, else that
   module's torch reference.
 - ``FusedMoE(x, router_out) -> [T, H]`` float32 *partial* sum of the routed experts held by this
-  rank; the caller adds the shared expert and does the one all-reduce. The experts run through
+  rank, and of the shared experts when it holds them (``num_shared``: each shared expert of
+  width I is one more stacked slot ``E + j`` that every token visits with weight 1, so it runs
+  inside the same expert kernels; only without expert parallelism, where every rank keeps its
+  TP slice of every slot); the caller adds a separate shared expert otherwise and does the one
+  all-reduce. The experts run through
   ``experts_grouped``, which picks one of two paths, neither reading a device value on the host
   (both CUDA-graph safe): on CUDA, unless ``kernels.dispatch`` says no, decode-sized batches
   (``T*K <= kernels.fused_moe.MAX_SLOTS``) with bf16/fp16 weights and FP8 weights at any size
   take the Triton kernels of ``kernels/fused_moe.py`` (slots aligned to expert row blocks,
   gate/up GEMM with the SiLU-mul fused, down GEMM with the routing weight fused, a sum over k);
   everything else (CPU, float32, bf16 prefill-sized batches) sorts the slots once, runs two
-  grouped GEMMs and combines with one ``index_add_``. ``experts_reference`` is the per-expert loop both must match. Weights are
-  stacked: ``w13_weight [E_local, 2*I_local, H]`` (gate rows then up rows) and ``w2_weight
-  [E_local, H, I_local]``; ``weight_loader(param, loaded, shard_id "w1"|"w3"|"w2", expert_id)``
-  takes one checkpoint expert tensor. Sharding: expert parallel keeps whole experts
+  grouped GEMMs and combines with one ``index_add_``. ``experts_reference`` is the per-expert
+  loop both must match. Weights are stacked: ``w13_weight [E_local + S, 2*I_local, H]`` (gate
+  rows then up rows) and ``w2_weight [E_local + S, H, I_local]``;
+  ``weight_loader(param, loaded, shard_id "w1"|"w3"|"w2", expert_id)`` takes one checkpoint
+  expert tensor (``expert_id`` E + j: shared slot j). Sharding: expert parallel keeps whole experts
   ``[rank*E/ws, (rank+1)*E/ws)``; tensor parallel keeps every expert's slice of the
   intermediate dim. In FP8 (``models/layers/fp8.py``, ``Fp8MoEMethod``) both weights hold
   ``float8_e4m3fn`` codes beside ``w13_weight_scale [E_local, 2I, 1]`` / ``w2_weight_scale
   [E_local, H, 1]`` float32; off the kernels the GEMMs are ``scaled_grouped_mm``.
 
-What does not belong here: the shared expert (a dense MLP in the model), FP8 weight creation
+What does not belong here: mapping shared-expert checkpoint names (model.py), FP8 weight creation
 and loading (fp8.py), the expert kernels themselves (``kernels/``).
 """
 
@@ -103,6 +108,7 @@ class FusedMoE(nn.Module):
         hidden_size: int,
         intermediate_size: int,
         dtype: torch.dtype | None = None,
+        num_shared: int = 0,  # shared experts of width ``intermediate_size`` held as extra slots
     ) -> None:
         super().__init__()
         state = get_parallel_state()
@@ -110,6 +116,9 @@ class FusedMoE(nn.Module):
         self.intermediate_size = intermediate_size
         self.rank, self.world = state.rank, state.world_size
         self.expert_parallel = state.expert_parallel
+        if num_shared and self.expert_parallel and self.world > 1:
+            raise ValueError("shared experts ride in the routed slots only without EP")
+        self.num_shared = num_shared
         if self.expert_parallel:
             self.num_local_experts = divide(num_experts, self.world, "routed experts")
             self.local_intermediate = intermediate_size
@@ -117,7 +126,7 @@ class FusedMoE(nn.Module):
             self.num_local_experts = num_experts
             self.local_intermediate = divide(intermediate_size, self.world, "moe width")
         self.expert_start = self.rank * self.num_local_experts if self.expert_parallel else 0
-        e, i = self.num_local_experts, self.local_intermediate
+        e, i = self.num_local_experts + num_shared, self.local_intermediate
         self.w13_weight = nn.Parameter(torch.empty(e, 2 * i, hidden_size, dtype=dtype), False)
         self.w2_weight = nn.Parameter(torch.empty(e, hidden_size, i, dtype=dtype), False)
         self.w13_weight.weight_loader = self.weight_loader
@@ -125,7 +134,9 @@ class FusedMoE(nn.Module):
         # set (with FP8 weights) by fp8.Fp8MoEMethod.create_weights
         self.w13_weight_scale: nn.Parameter | None = None  # [E_local, 2I, 1] float32
         self.w2_weight_scale: nn.Parameter | None = None  # [E_local, H, 1] float32
-        self._bounds: torch.Tensor | None = None  # [E_local + 1] int64 0..E_local, lazily
+        self._bounds: torch.Tensor | None = None  # [E_local + S + 1] int64 0..E_local+S, lazily
+        # [1, S] int64 shared slot ids E..E+S-1 and [1, S] float32 ones, lazily
+        self._shared_route: RouterOutput | None = None
 
     def weight_loader(
         self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str, expert_id: int
@@ -145,10 +156,11 @@ class FusedMoE(nn.Module):
         slice_down: bool,  # the down projection's columns are this rank's slice (weights only)
     ) -> None:
         """Copy into this rank's slot: gate/up rows sliced by TP, stacked gate then up."""
-        if not 0 <= expert_id < self.num_experts:
-            raise ValueError(f"expert {expert_id} outside 0..{self.num_experts - 1}")
+        slots = self.num_experts + self.num_shared
+        if not 0 <= expert_id < slots:
+            raise ValueError(f"expert {expert_id} outside 0..{slots - 1}")
         local = expert_id - self.expert_start
-        if not 0 <= local < self.num_local_experts:
+        if not 0 <= local < self.num_local_experts + self.num_shared:
             return  # another rank owns this expert
         i = self.local_intermediate
         start = 0 if self.expert_parallel else self.rank * i
@@ -165,7 +177,9 @@ class FusedMoE(nn.Module):
         # under EP some slots belong to other ranks; with all experts local none can
         foreign = self.expert_parallel and self.world > 1
         if self._bounds is None or self._bounds.device != x.device:
-            self._bounds = _expert_bounds(self.num_local_experts, x.device)
+            self._bounds = _expert_bounds(self.num_local_experts + self.num_shared, x.device)
+        if self.num_shared:
+            route = self._with_shared(route)
         return experts_grouped(
             x,
             self.w13_weight,
@@ -176,6 +190,19 @@ class FusedMoE(nn.Module):
             bounds=self._bounds,
             w13_scale=self.w13_weight_scale,
             w2_scale=self.w2_weight_scale,
+        )
+
+    def _with_shared(self, route: RouterOutput) -> RouterOutput:
+        """Every token also visits the shared slots, weight 1 (not scaled by the router)."""
+        t, device = route.ids.shape[0], route.ids.device
+        shared = self._shared_route
+        if shared is None or shared.ids.device != device:
+            ids = torch.arange(self.num_shared, device=device) + self.num_experts
+            weights = torch.ones(1, self.num_shared, dtype=torch.float32, device=device)
+            shared = self._shared_route = RouterOutput(weights, ids[None])
+        return RouterOutput(
+            torch.cat((route.weights, shared.weights.expand(t, -1)), 1),
+            torch.cat((route.ids, shared.ids.expand(t, -1)), 1),
         )
 
 

@@ -22,8 +22,13 @@ def _counted(model: Glm4vMoeForCausalLM, batch: int, context: int, experts_read:
     for name, p in lm.named_parameters():
         if name in ("embed_tokens.weight", "norm.weight"):
             continue
-        if ".mlp.experts." in name:  # stacked routed experts [E, ...]: only the used ones count
-            experts += p.nbytes * experts_read / p.shape[0]
+        if ".mlp.experts." in name:
+            # stacked [E routed + S shared, ...]: of the routed slots only the used ones count;
+            # the shared slots are read every step
+            slot = p.nbytes / p.shape[0]
+            shared = p.shape[0] - model.config.text.n_routed_experts
+            experts += slot * experts_read
+            layers += slot * shared
         else:
             layers += p.nbytes
     row = lm.embed_tokens.weight.nbytes / lm.embed_tokens.weight.shape[0]

@@ -167,7 +167,8 @@ def test_dummy_fp8_at_real_widths_is_fast_and_half_the_bytes(tmp_path: Path) -> 
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < total + 1.5 * 2**30
     experts = model.language_model.layers[1].mlp.experts
-    assert experts.w13_weight.dtype == FP8 and experts.w13_weight.shape == (128, 2816, 4096)
+    # 128 routed experts and the shared one in the last slot
+    assert experts.w13_weight.dtype == FP8 and experts.w13_weight.shape == (129, 2816, 4096)
     scale = experts.w13_weight_scale
     assert torch.isfinite(scale).all() and 1e-5 < float(scale.median()) < 1e-3
     ids = torch.arange(1, 9, device="cuda")

@@ -52,5 +52,11 @@ def test_glimpse_loads_a_transformers_model(tiny_ckpt_45) -> None:
     assert set(ours.checkpoint_names()) <= report.loaded
     experts = ours.language_model.layers[1].mlp.experts
     hf_experts = hf.model.language_model.layers[1].mlp.experts
-    assert torch.equal(experts.w13_weight, hf_experts.gate_up_proj)
-    assert torch.equal(experts.w2_weight, hf_experts.down_proj)
+    n = config.text.n_routed_experts
+    assert torch.equal(experts.w13_weight[:n], hf_experts.gate_up_proj)
+    assert torch.equal(experts.w2_weight[:n], hf_experts.down_proj)
+    # the shared expert fills the stacked slot after the routed ones: gate rows, then up rows
+    shared = hf.model.language_model.layers[1].mlp.shared_experts
+    gate_up = torch.cat([shared.gate_proj.weight, shared.up_proj.weight])
+    assert torch.equal(experts.w13_weight[n], gate_up)
+    assert torch.equal(experts.w2_weight[n], shared.down_proj.weight)

@@ -26,14 +26,13 @@ def _hf(path: Path) -> Glm4vMoeForConditionalGeneration:
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def grouped_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A transformers-written checkpoint exercising group-limited routing and a scaling factor."""
+def _write_ckpt(out: Path, shared_experts: int) -> Path:
     torch.manual_seed(1)
     text = dict(
         vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=1, head_dim=16, moe_intermediate_size=32,
-        n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=1, first_k_dense_replace=1,
+        n_routed_experts=8, num_experts_per_tok=3, n_shared_experts=shared_experts,
+        first_k_dense_replace=1,
         n_group=4, topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=512,
         eos_token_id=[1], pad_token_id=0,
         rope_parameters=dict(
@@ -51,12 +50,23 @@ def grouped_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for name, p in model.named_parameters():
             if "q_proj" in name or "k_proj" in name:
                 p.normal_(0.0, 0.1)  # sharper attention so positions matter
-    out = tmp_path_factory.mktemp("grouped_ckpt")
     model.save_pretrained(out)
     return out
 
 
-@pytest.fixture(params=["tiny_ckpt_45", "tiny_ckpt_46", "grouped_ckpt"])
+@pytest.fixture(scope="module")
+def grouped_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A transformers-written checkpoint exercising group-limited routing and a scaling factor."""
+    return _write_ckpt(tmp_path_factory.mktemp("grouped_ckpt"), shared_experts=1)
+
+
+@pytest.fixture(scope="module")
+def two_shared_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with a shared expert twice the routed width: it fills two stacked slots."""
+    return _write_ckpt(tmp_path_factory.mktemp("two_shared_ckpt"), shared_experts=2)
+
+
+@pytest.fixture(params=["tiny_ckpt_45", "tiny_ckpt_46", "grouped_ckpt", "two_shared_ckpt"])
 def ckpt(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(request.param)
 
