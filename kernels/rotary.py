@@ -14,6 +14,13 @@ the layer's CPU path).
 computed wholly in float32 and rounded to ``x.dtype`` once, as the vision tower (and
 transformers' GLM-4V vision rotary) does: ``rotary_f32_reference_`` is its torch definition.
 
+``rotary_cache_(qkv, num_q_heads, cos, sin, rotary_dim, k_cache, v_cache, slots)`` is the
+decoder's attention prologue in one launch: over a fused ``qkv [T, Hq + 2Hk, D]`` row it rotates
+the q and k heads in place like ``rotary_`` and writes each token's (rotated) k heads and its v
+heads whole to ``k_cache`` / ``v_cache [S, Hk, D]`` at row ``slots[t]`` (int64), as
+``rotary_reference_`` followed by two ``index_copy_`` does (``rotary_cache_reference_``), bit
+for bit; the caches must have ``qkv``'s dtype.
+
 Kernel: a program per (token, block of heads) loads the token's cos / sin once and rotates its
 heads; the grid comes from the shapes only and nothing is read on the host (CUDA-graph safe).
 Needs Triton; on CPU it runs only under ``TRITON_INTERPRET=1`` (what the tests use).
@@ -62,6 +69,22 @@ def rotary_f32_reference_(
     x[..., half:rotary_dim] = out2
 
 
+def rotary_cache_reference_(
+    qkv: torch.Tensor,  # [T, Hq + 2Hk, D]; q and k heads rotated in place
+    num_q_heads: int,
+    cos: torch.Tensor,  # [T, 1, rotary_dim/2] qkv.dtype
+    sin: torch.Tensor,  # [T, 1, rotary_dim/2] qkv.dtype
+    rotary_dim: int,
+    k_cache: torch.Tensor,  # [S, Hk, D], rows ``slots`` written
+    v_cache: torch.Tensor,  # [S, Hk, D]
+    slots: torch.Tensor,  # [T] int64
+) -> None:
+    hk = (qkv.shape[1] - num_q_heads) // 2
+    rotary_reference_(qkv[:, : num_q_heads + hk], cos, sin, rotary_dim)
+    k_cache.index_copy_(0, slots, qkv[:, num_q_heads : num_q_heads + hk])
+    v_cache.index_copy_(0, slots, qkv[:, num_q_heads + hk :])
+
+
 def supported(x: torch.Tensor, cos: torch.Tensor, rotary_dim: int, f32: bool = False) -> bool:
     """True when the kernel handles these operands (else use the reference); ``f32``: the
     float32 variant of ``rotary_f32_``."""
@@ -92,6 +115,66 @@ def rotary_f32_(
     rotary_dim: int,
 ) -> None:
     _launch(x, cos, sin, rotary_dim, f32=True)
+
+
+def cache_supported(
+    qkv: torch.Tensor, num_q_heads: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> bool:
+    """True when ``rotary_cache_`` handles this fused row layout and these caches."""
+    if qkv.dim() != 3 or k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
+        return False
+    hk = (qkv.shape[1] - num_q_heads) // 2
+    return (
+        hk > 0
+        and num_q_heads + 2 * hk == qkv.shape[1]
+        and k_cache.shape[1:] == (hk, qkv.shape[2])
+        and k_cache.dtype == v_cache.dtype == qkv.dtype
+        and k_cache.stride(-1) == v_cache.stride(-1) == 1
+        and k_cache.stride(0) == v_cache.stride(0)
+        and k_cache.stride(1) == v_cache.stride(1)
+    )
+
+
+def rotary_cache_(
+    qkv: torch.Tensor,  # [T, Hq + 2Hk, D], last dim contiguous; q and k rotated in place
+    num_q_heads: int,
+    cos: torch.Tensor,  # [T, 1, rotary_dim/2] qkv.dtype
+    sin: torch.Tensor,  # [T, 1, rotary_dim/2] qkv.dtype
+    rotary_dim: int,
+    k_cache: torch.Tensor,  # [S, Hk, D] qkv.dtype, last dim contiguous
+    v_cache: torch.Tensor,  # [S, Hk, D], strides of k_cache
+    slots: torch.Tensor,  # [T] int64 cache rows
+) -> None:
+    if triton is None:
+        raise RuntimeError("the rotary kernel needs triton")
+    if (
+        not supported(qkv, cos, rotary_dim)
+        or sin.dtype != cos.dtype
+        or not cache_supported(qkv, num_q_heads, k_cache, v_cache)
+        or slots.shape != (qkv.shape[0],)
+    ):
+        raise ValueError(
+            f"rotary + cache kernel: qkv {tuple(qkv.shape)} {qkv.dtype} with {num_q_heads} q "
+            f"heads, caches {tuple(k_cache.shape)} {k_cache.dtype} / {tuple(v_cache.shape)}, "
+            f"slots {tuple(slots.shape)}, cos {cos.dtype} (caches [S, Hk, D] in qkv's dtype)"
+        )
+    t, h, d = qkv.shape
+    half = rotary_dim // 2
+    cos2, sin2 = _per_token(cos, t, half), _per_token(sin, t, half)
+    if t == 0:
+        return
+    hk = (h - num_q_heads) // 2
+    block_h = min(16, triton.next_power_of_2(h))
+    slots = slots if slots.dtype == torch.int64 else slots.long()
+    _rotary_cache_kernel[(t, triton.cdiv(h, block_h))](
+        qkv, cos2, sin2, k_cache, v_cache, slots,
+        qkv.stride(0), qkv.stride(1), cos2.stride(0), sin2.stride(0),
+        k_cache.stride(0), k_cache.stride(1),
+        num_q_heads, hk, half, rotary_dim, d,
+        BLOCK_H=block_h, HALF_PAD=triton.next_power_of_2(half),
+        REST_PAD=triton.next_power_of_2(max(d - rotary_dim, 1)),
+        num_warps=2 if d <= 64 else 4,
+    )  # fmt: skip
 
 
 def _launch(x, cos, sin, rotary_dim: int, f32: bool) -> None:
@@ -155,3 +238,53 @@ if triton is not None:
             b_cos = b_cos.to(dt).to(tl.float32)
         tl.store(x_ptr + off1, (a_cos - b_sin).to(dt), mask=mask)
         tl.store(x_ptr + off1 + half, (b_cos + a_sin).to(dt), mask=mask)
+
+    @triton.jit
+    def _rotary_cache_kernel(
+        x_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
+        stride_xt, stride_xh, stride_ct, stride_st, stride_cs, stride_ch,
+        n_q, n_kv, half, rotary_dim, head_dim,
+        BLOCK_H: tl.constexpr, HALF_PAD: tl.constexpr, REST_PAD: tl.constexpr,
+    ):  # fmt: skip
+        # heads [0, n_q) are q, [n_q, n_q + n_kv) k, then v: q and k rotate, k and v are cached
+        tok = tl.program_id(0).to(tl.int64)
+        heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+        live = heads < n_q + 2 * n_kv
+        rotated = heads < n_q + n_kv
+        is_k = (heads >= n_q) & rotated
+        is_v = (heads >= n_q + n_kv) & live
+        kv_head = tl.where(is_k, heads - n_q, heads - n_q - n_kv).to(tl.int64)
+        slot = tl.load(slot_ptr + tok)
+        row = tok * stride_xt + heads.to(tl.int64)[:, None] * stride_xh  # [BLOCK_H, 1]
+        cache_row = slot * stride_cs + kv_head[:, None] * stride_ch
+        k_rows, v_rows = is_k[:, None], is_v[:, None]
+
+        j = tl.arange(0, HALF_PAD)
+        cos = tl.load(cos_ptr + tok * stride_ct + j, mask=j < half, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + tok * stride_st + j, mask=j < half, other=0.0).to(tl.float32)
+        cos, sin = cos[None, :], sin[None, :]
+        mask = live[:, None] & (j < half)[None, :]
+        x1 = tl.load(x_ptr + row + j[None, :], mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + row + j[None, :] + half, mask=mask, other=0.0)
+        dt = x1.dtype
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        # each product rounded like the unfused torch ops (a no-op in float32)
+        a_sin = (a * sin).to(dt).to(tl.float32)
+        b_sin = (b * sin).to(dt).to(tl.float32)
+        a_cos = (a * cos).to(dt).to(tl.float32)
+        b_cos = (b * cos).to(dt).to(tl.float32)
+        rot = rotated[:, None]
+        y1 = tl.where(rot, (a_cos - b_sin).to(dt), x1)
+        y2 = tl.where(rot, (b_cos + a_sin).to(dt), x2)
+        tl.store(x_ptr + row + j[None, :], y1, mask=mask & rot)
+        tl.store(x_ptr + row + j[None, :] + half, y2, mask=mask & rot)
+        tl.store(kc_ptr + cache_row + j[None, :], y1, mask=mask & k_rows)
+        tl.store(kc_ptr + cache_row + j[None, :] + half, y2, mask=mask & k_rows)
+        tl.store(vc_ptr + cache_row + j[None, :], y1, mask=mask & v_rows)
+        tl.store(vc_ptr + cache_row + j[None, :] + half, y2, mask=mask & v_rows)
+        # dims past the rotary ones are copied as they are
+        r = rotary_dim + tl.arange(0, REST_PAD)
+        rest_mask = (live & (heads >= n_q))[:, None] & (r < head_dim)[None, :]
+        rest = tl.load(x_ptr + row + r[None, :], mask=rest_mask, other=0.0)
+        tl.store(kc_ptr + cache_row + r[None, :], rest, mask=rest_mask & k_rows)
+        tl.store(vc_ptr + cache_row + r[None, :], rest, mask=rest_mask & v_rows)

@@ -62,12 +62,15 @@ class Glm4vMoeAttention(nn.Module):
     ) -> torch.Tensor:  # [T, H]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hk) * D], a fresh tensor this layer owns
         t, hq, hk = x.shape[0], self.num_heads, self.num_kv_heads
-        # q and k heads are adjacent in each row: rotate them together, in place
-        qk = qkv[:, : (hq + hk) * self.head_dim].view(t, hq + hk, self.head_dim)
-        rotary.apply_(qk, rope)
-        q, k = qk[:, :hq], qk[:, hq:]
-        v = qkv[:, (hq + hk) * self.head_dim :].view(t, hk, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, meta))
+        heads = qkv.view(t, hq + 2 * hk, self.head_dim)  # q | k | v heads of each row
+        q, k, v = heads[:, :hq], heads[:, hq : hq + hk], heads[:, hq + hk :]
+        # on CUDA one kernel rotates q and k in place and writes k and v to the paged cache
+        written = self.attn.rotate_and_cache_(
+            heads, hq, rope.cos, rope.sin, rotary.rotary_dim, meta
+        )
+        if not written:
+            rotary.apply_(heads[:, : hq + hk], rope)  # q and k heads are adjacent: together
+        return self.o_proj(self.attn(q, k, v, meta, cache_written=written))
 
 
 class Glm4vMoeMLP(nn.Module):

@@ -4,8 +4,13 @@ Contract: ``Attention.forward(q, k, v, meta)`` takes the projected, rotated q/k/
 tokens of B sequences packed back to back (no padding) and returns the attention output.
 When ``meta.block_tables`` is None the batch is a pure prefill with no cache: every sequence
 attends causally over its own new tokens only (used by parity tests and the encoder-free path).
-Otherwise the new k/v are first written to the paged cache at ``meta.slot_mapping`` and each
-sequence attends over its whole context read from its block table.
+Otherwise the new k/v are first written to the paged cache at ``meta.slot_mapping`` (unless the
+caller passes ``cache_written=True``) and each sequence attends over its whole context read from
+its block table. ``rotate_and_cache_(qkv, num_q_heads, cos, sin, rotary_dim, meta)`` is the
+decoder's fused prologue on CUDA: one kernel (``kernels/rotary.py``'s ``rotary_cache_``) rotates
+q and k in place inside the fused ``qkv [T, Hq + 2Hk, D]`` rows and writes k and v to the cache;
+it returns False, doing nothing, where that kernel does not apply (the caller then rotates and
+lets ``forward`` write the cache).
 
 Backends: on CUDA a pure decode batch (one new token per sequence) runs the Triton split-K
 paged kernel (``kernels/paged_attention.py``) unless ``meta.decode_kernel`` is off; it reads the
@@ -26,6 +31,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kernels import rotary as rotary_kernel
+from kernels.dispatch import triton_enabled
 from kernels.paged_attention import paged_decode_attention, triton
 
 try:  # optional GPU dependency
@@ -114,9 +121,11 @@ class Attention(torch.nn.Module):
         k: torch.Tensor,  # [T, num_kv_heads, head_dim]
         v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         meta: AttentionMetadata,
+        cache_written: bool = False,  # True: ``rotate_and_cache_`` already wrote k and v
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         if meta.block_tables is not None:
-            self._write_cache(k, v, meta.slot_mapping)
+            if not cache_written:
+                self._write_cache(k, v, meta.slot_mapping)
             if meta.decode_kernel and is_pure_decode(q.shape[0], meta) and self.kernel_fits(q):
                 out = self._paged_decode(q, meta)
                 return out.reshape(q.shape[0], self.num_heads * self.head_dim)
@@ -125,6 +134,33 @@ class Attention(torch.nn.Module):
         else:
             out = self._sdpa(q, k, v, meta)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def rotate_and_cache_(
+        self,
+        qkv: torch.Tensor,  # [T, Hq + 2Hk, D] this rank's fused q|k|v heads
+        num_q_heads: int,
+        cos: torch.Tensor,  # [T, 1, rotary_dim/2] qkv.dtype
+        sin: torch.Tensor,
+        rotary_dim: int,
+        meta: AttentionMetadata,
+    ) -> bool:
+        """Rotate q and k in place and write k and v to the paged cache in one kernel; False
+        (nothing done) without a cache, off CUDA, or where the kernel does not fit."""
+        cache = self.kv_cache
+        if meta.block_tables is None or cache.dim() != 5 or not triton_enabled(qkv):
+            return False
+        flat_k = cache[0].view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = cache[1].view(-1, self.num_kv_heads, self.head_dim)
+        if not (
+            rotary_kernel.supported(qkv, cos, rotary_dim)
+            and rotary_kernel.cache_supported(qkv, num_q_heads, flat_k, flat_v)
+        ):
+            return False
+        # NOTE: every token is written, padding included (see ``_write_cache``)
+        rotary_kernel.rotary_cache_(
+            qkv, num_q_heads, cos, sin, rotary_dim, flat_k, flat_v, meta.slot_mapping
+        )
+        return True
 
     def kernel_fits(self, q: torch.Tensor) -> bool:
         """Whether the Triton decode kernel serves this layer for queries like ``q``: CUDA,

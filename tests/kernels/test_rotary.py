@@ -143,3 +143,98 @@ def test_float32_variant_rounds_once_like_the_vision_reference(dtype) -> None:
     torch.testing.assert_close(qkv, want, rtol=0, atol=torch.finfo(dtype).eps * 8)
     assert torch.equal(qkv[:, 2 * h :], want[:, 2 * h :])  # v untouched
     assert not kernel.supported(qkv, cos.to(dtype), d, f32=True) or dtype == torch.float32
+
+
+def _caches(slots_total: int, hk: int, d: int, dtype, device, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(slots_total, hk, d, generator=gen).to(device, dtype)
+    return k, torch.randn(slots_total, hk, d, generator=gen).to(device, dtype)
+
+
+def _fused_vs_reference(t, hq, hk, d, rotary_dim, dtype, device, seed):
+    """(kernel's qkv, k cache, v cache) and the reference's, from the same inputs."""
+    qkv, _, rope = _qkv_and_rope(t, hq, hk, d, rotary_dim, dtype, device, seed=seed)
+    k_cache, v_cache = _caches(3 * t + 5, hk, d, dtype, device, seed + 1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    slots = torch.randperm(3 * t + 5, generator=gen)[:t].to(device)  # distinct rows, any order
+    want = [qkv.clone(), k_cache.clone(), v_cache.clone()]
+    kernel.rotary_cache_reference_(want[0], hq, rope.cos, rope.sin, rotary_dim, *want[1:], slots)
+    got = [qkv, k_cache, v_cache]
+    kernel.rotary_cache_(qkv, hq, rope.cos, rope.sin, rotary_dim, k_cache, v_cache, slots)
+    return got, want
+
+
+@kernel_case
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    ("t", "hq", "hk", "d", "rotary_dim"),
+    [(1, 4, 2, 32, 16), (9, 20, 3, 16, 12), (5, 12, 1, 32, 32), (3, 2, 1, 64, 8)],
+)
+def test_rotary_and_cache_write_match_the_unfused_ops(t, hq, hk, d, rotary_dim, dtype) -> None:
+    got, want = _fused_vs_reference(t, hq, hk, d, rotary_dim, dtype, DEVICE, seed=t * hq + d)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)  # rotated q/k, v untouched; cached rows; other rows kept
+
+
+@kernel_case
+def test_rotary_cache_rejects_a_cache_of_another_layout() -> None:
+    qkv, _, rope = _qkv_and_rope(2, 4, 2, 32, 16, torch.float32, DEVICE, seed=1)
+    k_cache, v_cache = _caches(8, 2, 32, torch.float32, DEVICE, 2)
+    slots = torch.tensor([1, 5], device=DEVICE)
+    assert kernel.cache_supported(qkv, 4, k_cache, v_cache)
+    assert not kernel.cache_supported(qkv, 4, k_cache.half(), v_cache.half())
+    assert not kernel.cache_supported(qkv, 2, k_cache, v_cache)  # 2 q heads: kv heads of 3
+    with pytest.raises(ValueError, match="rotary \\+ cache"):
+        kernel.rotary_cache_(qkv, 4, rope.cos, rope.sin, 16, k_cache[:, :1], v_cache[:, :1], slots)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 32, 4096])
+def test_rotary_cache_bf16_glm45v_heads(tokens: int) -> None:
+    qkv, _, rope = _qkv_and_rope(tokens, 96, 8, 128, 64, torch.bfloat16, "cuda", seed=tokens)
+    k_cache, v_cache = _caches(2 * tokens + 3, 8, 128, torch.bfloat16, "cuda", tokens)
+    slots = torch.randperm(2 * tokens + 3, device="cuda")[:tokens]
+    before, cache_before = qkv.clone(), k_cache.clone()
+    kernel.rotary_cache_(qkv, 96, rope.cos, rope.sin, 64, k_cache, v_cache, slots)
+    _assert_bf16_rotated(qkv, before, rope.cos, rope.sin)
+    assert torch.equal(k_cache[slots], qkv[:, 96:104])  # the rotated k heads
+    assert torch.equal(v_cache[slots], before[:, 104:])
+    others = torch.ones(2 * tokens + 3, dtype=torch.bool, device="cuda")
+    others[slots] = False
+    assert torch.equal(k_cache[others], cache_before[others])
+
+
+@kernel_case
+def test_attention_prologue_equals_rotating_then_writing_the_cache(monkeypatch) -> None:
+    from models.layers import attention as attention_module
+    from models.layers.attention import Attention, AttentionMetadata
+
+    monkeypatch.setattr(attention_module, "triton_enabled", lambda t: True)  # CPU interpreter
+    hq, hk, d, rotary_dim, block, t = 4, 2, 32, 16, 4, 6
+    qkv, _, rope = _qkv_and_rope(t, hq, hk, d, rotary_dim, torch.float32, DEVICE, seed=9)
+    tables = torch.tensor([[3, 1]], dtype=torch.int32)  # the 6 tokens: block 3, then block 1
+    pos = torch.arange(t)
+    meta = AttentionMetadata(
+        cu_seqlens_q=torch.tensor([0, t], dtype=torch.int32),
+        seq_lens_k=torch.tensor([t], dtype=torch.int32),
+        max_seqlen_q=t,
+        max_seqlen_k=t,
+        slot_mapping=tables[0][pos // block].long() * block + pos % block,
+        block_tables=tables,
+        seq_lens_k_cpu=[t],
+        cu_seqlens_q_cpu=[0, t],
+    )
+    layers = [Attention(hq, hk, d, scale=d**-0.5) for _ in range(2)]
+    cache = torch.randn(2, 5, block, hk, d, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for fused, layer in zip((False, True), layers, strict=True):
+        layer.kv_cache = cache.clone()
+        heads = qkv.clone()
+        q, k, v = heads[:, :hq], heads[:, hq : hq + hk], heads[:, hq + hk :]
+        if fused:
+            assert layer.rotate_and_cache_(heads, hq, rope.cos, rope.sin, rotary_dim, meta)
+        else:
+            kernel.rotary_reference_(heads[:, : hq + hk], rope.cos, rope.sin, rotary_dim)
+        outs.append(layer(q, k, v, meta, cache_written=fused))
+    assert torch.equal(layers[0].kv_cache, layers[1].kv_cache)
+    assert torch.equal(outs[0], outs[1])
