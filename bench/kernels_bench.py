@@ -15,6 +15,11 @@ token count (decode: 1, 32, 256; prefill: 4096):
   layer's gather + SDPA decode against ``kernels/paged_attention.py`` with the split count an
   engine of longest context C fixes; skipped where T x C passes ``PAGED_MAX_TOKENS``.
 
+``--w8a16-sweep`` instead times the W8A16 decode GEMM (``kernels/fp8_gemv.py``) at the FP8
+projection shapes of GLM-4.5-Air (qkv, attention output, dense MLP gate|up and down) for every
+tile and K-split choice in ``W8A16_SPACE`` at ``--tokens`` rows (CUDA-graph replays), and prints
+each shape's best choice next to the one ``_tiles`` picks, in GB/s of codes read.
+
 Each row prints microseconds per call of the torch reference and of the kernel, the speed-up,
 both achieved GB/s (bytes each op must move at least: inputs read once, outputs written once;
 for ``paged`` the K and V of every context)
@@ -33,7 +38,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from kernels import moe_routing, paged_attention, quant_fp8, rmsnorm, rotary
+from kernels import fp8_gemv, moe_routing, paged_attention, quant_fp8, rmsnorm, rotary
 from models.layers.attention import Attention, AttentionMetadata
 from models.layers.rotary import MRotaryEmbedding
 
@@ -227,6 +232,54 @@ def paged_case(batch: int, context: int, gen: torch.Generator) -> Case:
     )
 
 
+# (N, K) of the FP8 projections a decode step runs per layer (the MoE layers' shared expert now
+# runs inside the fused expert kernels)
+W8A16_SHAPES = {
+    "qkv": (HQ * HEAD_DIM + 2 * HK * HEAD_DIM, HIDDEN),
+    "o_proj": (HIDDEN, HQ * HEAD_DIM),
+    "mlp_gate_up": (2 * 10944, HIDDEN),
+    "mlp_down": (HIDDEN, 10944),
+}
+# (block_n, block_k, warps, stages, split_k)
+W8A16_SPACE = [
+    (bn, bk, 4, st, sp)
+    for bn in (32, 64)
+    for bk in (256, 512)
+    for st in (3, 5)
+    for sp in (1, 2, 4, 8)
+]
+
+
+def _time_w8a16(x, q, scale, tiles, iters: int) -> float:
+    return time_us(lambda: fp8_gemv.w8a16_linear(x, q, scale, tiles=tiles), iters, graph=True)
+
+
+def w8a16_sweep(tokens: list[int], iters: int) -> list[dict]:
+    from models.layers.fp8 import quantize_per_channel
+
+    results = []
+    print(f"{'shape':<13}{'M':>4}{'N':>7}{'K':>7}  {'choice':<24}{'us':>8}{'GB/s':>8}")
+    for name, (n, k) in W8A16_SHAPES.items():
+        gen = torch.Generator().manual_seed(n + k)
+        q, scale = quantize_per_channel((torch.randn(n, k, generator=gen) / k**0.5).to(DEVICE))
+        for m in tokens:
+            x = torch.randn(m, k, generator=gen).to(DEVICE, BF16)
+            timed = {tiles: _time_w8a16(x, q, scale, tiles, iters) for tiles in W8A16_SPACE}
+            best = min(timed, key=timed.get)
+            table = fp8_gemv._tiles(n, k)
+            picked = timed[table] if table in timed else _time_w8a16(x, q, scale, table, iters)
+            for label, tiles, us in (("best", best, timed[best]), ("_tiles", table, picked)):
+                gbps = n * k / us / 1e3  # the codes, one byte each
+                print(
+                    f"{name:<13}{m:>4}{n:>7}{k:>7}  {label:<7}{tiles!s:<17}{us:>8.1f}{gbps:>8.0f}"
+                )
+            results.append(
+                {"shape": name, "m": m, "n": n, "k": k, "best": best, "best_us": timed[best],
+                 "tiles": table, "tiles_us": picked}
+            )  # fmt: skip
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="1,32,256,4096", help="comma-separated token counts")
@@ -234,10 +287,17 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--graph", action="store_true", help="time CUDA-graph replays")
     p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--w8a16-sweep", action="store_true", help="sweep the W8A16 GEMM's tiles")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("kernels_bench needs a CUDA device")
         return 1
+    if args.w8a16_sweep:
+        rows = w8a16_sweep([int(v) for v in args.tokens.split(",")], args.iters)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     fp8 = torch.cuda.get_device_capability() >= (8, 9)
     print(f"{torch.cuda.get_device_name()}  mode={'graph' if args.graph else 'eager'}")
     header = f"{'kernel':<13}{'T':>6}{'torch us':>10}{'triton us':>11}{'x':>7}"

@@ -12,9 +12,14 @@ Why: at decode sizes the row-wise ``torch._scaled_mm`` needs a separate activati
 kernel and picks tiles made for large M; this kernel reads each code once, widens it to the
 activations' dtype for the tensor cores, and keeps the activations exact.
 
-Kernel: a grid of (row block, column block) programs over ``N``; each streams its ``BLOCK_N`` weight
-rows along ``K`` and reduces against ``BLOCK_M`` activation rows (tiles per output width from a
-small sweep on an H200, ``_tiles``). The grid depends on shapes only (CUDA-graph safe). Needs Triton; on CPU
+Kernel: a grid of (row block, column block, K split) programs over ``N``; each streams its
+``BLOCK_N`` weight rows along its share of ``K`` and reduces against ``BLOCK_M`` activation rows
+(tiles per output width from a small sweep on an H200, ``_tiles``). With one split the program
+applies the scale and bias and stores; with ``SPLIT_K > 1`` (more programs in flight for narrow
+outputs with a long ``K``, such as the attention output projection) each split stores its
+float32 partial sums and a second kernel adds the splits in a fixed order, then scales, adds the
+bias and rounds (deterministic: no atomics). The grid depends on shapes only (CUDA-graph safe).
+``bench/kernels_bench.py --w8a16-sweep`` times the tile and split choices. Needs Triton; on CPU
 it runs only under ``TRITON_INTERPRET=1`` (the tests).
 
 What does not belong here: the path choice and weight storage (``models/layers/fp8.py``).
@@ -63,8 +68,8 @@ def w8a16_linear(
     q: torch.Tensor,  # [N, K] float8_e4m3fn
     scale: torch.Tensor,  # [N, 1] float32
     bias: torch.Tensor | None = None,  # [N] x.dtype
-    tiles: tuple[int, int, int, int] | None = None,  # (block_n, block_k, warps, stages); None =
-    # the table below (benchmarks pass their own)
+    tiles: tuple[int, ...] | None = None,  # (block_n, block_k, warps, stages[, split_k]);
+    # None = the table below (benchmarks pass their own)
 ) -> torch.Tensor:  # [M, N] x.dtype
     if triton is None:
         raise RuntimeError("w8a16_linear needs triton")
@@ -79,41 +84,63 @@ def w8a16_linear(
         x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     scale = scale.reshape(n)
-    block_n, block_k, warps, stages = tiles or _tiles(n)
+    block_n, block_k, warps, stages, *rest = tiles or _tiles(n, k)
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
-    _w8a16_kernel[(triton.cdiv(m, BLOCK_M), triton.cdiv(n, block_n))](
-        x, q, scale, bias if bias is not None else scale, out,
-        m, n, k, x.stride(0), q.stride(0), out.stride(0),
+    steps = triton.cdiv(k, block_k)
+    split = max(1, min(rest[0] if rest else 1, steps))
+    steps_per_split = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, steps_per_split)  # no empty split
+    row_blocks = triton.cdiv(m, BLOCK_M)
+    partial = (
+        torch.empty(split, row_blocks * BLOCK_M, n, dtype=torch.float32, device=x.device)
+        if split > 1
+        else out  # never read: the single split stores the result itself
+    )
+    _w8a16_kernel[(row_blocks, triton.cdiv(n, block_n), split)](
+        x, q, scale, bias if bias is not None else scale, out, partial,
+        m, n, k, x.stride(0), q.stride(0), out.stride(0), steps_per_split,
         HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, num_stages=stages, num_warps=warps,
+        EVEN_K=k % block_k == 0, SPLIT=split > 1, num_stages=stages, num_warps=warps,
     )  # fmt: skip
+    if split > 1:
+        reduce_n = min(1024, triton.next_power_of_2(n))
+        _w8a16_reduce_kernel[(m, triton.cdiv(n, reduce_n))](
+            partial, scale, bias if bias is not None else scale, out,
+            n, partial.stride(0), partial.stride(1), out.stride(0),
+            SPLITS=split, HAS_BIAS=bias is not None, BLOCK_N=reduce_n,
+        )  # fmt: skip
     return out
 
 
-def _tiles(n: int) -> tuple[int, int, int, int]:  # (block_n, block_k, warps, stages)
-    # the fastest of a small sweep at batch 1 on an H200 (GLM-4.5V projection shapes): wide
-    # outputs keep a 256 reduction step, narrow ones (N 2816-4096) stream longer K runs
-    return (32, 256, 4, 3) if n >= 8192 else (32, 512, 4, 5)
+def _tiles(n: int, k: int) -> tuple[int, int, int, int, int]:
+    # (block_n, block_k, warps, stages, split_k): the fastest of a small sweep at batch 1 on an
+    # H200 (GLM-4.5V projection shapes): wide outputs keep a 256 reduction step, narrow ones
+    # (N 2816-4096) stream longer K runs. NOTE: split_k is 1 everywhere until the sweep
+    # (``bench/kernels_bench.py --w8a16-sweep``) has measured the splits on a GPU.
+    return (32, 256, 4, 3, 1) if n >= 8192 else (32, 512, 4, 5, 1)
 
 
 if triton is not None:
 
     @triton.jit
     def _w8a16_kernel(
-        x_ptr, q_ptr, s_ptr, b_ptr, o_ptr,
-        m, n, k, stride_x, stride_q, stride_o,
+        x_ptr, q_ptr, s_ptr, b_ptr, o_ptr, p_ptr,
+        m, n, k, stride_x, stride_q, stride_o, steps_per_split,
         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+        BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         wcols = cols % n  # wrapped: the weight loads need no column mask, the store drops them
+        first = tl.program_id(2) * steps_per_split  # this split's first K step
+        last = tl.minimum(first + steps_per_split, tl.cdiv(k, BLOCK_K))
         ks = tl.arange(0, BLOCK_K)
-        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + ks[None, :]
-        q_ptrs = q_ptr + wcols[None, :].to(tl.int64) * stride_q + ks[:, None]  # [BLOCK_K, N]
+        k0 = first * BLOCK_K
+        x_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_x + (k0 + ks)[None, :]
+        q_ptrs = q_ptr + wcols[None, :].to(tl.int64) * stride_q + (k0 + ks)[:, None]  # [BK, N]
         live = rows < m
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kk in range(0, tl.cdiv(k, BLOCK_K)):
+        for kk in range(first, last):
             if EVEN_K:
                 a = tl.load(x_ptrs, mask=live[:, None], other=0.0)
                 b = tl.load(q_ptrs)
@@ -124,8 +151,34 @@ if triton is not None:
             acc = tl.dot(a, b.to(a.dtype), acc)
             x_ptrs += BLOCK_K
             q_ptrs += BLOCK_K
-        acc = acc * tl.load(s_ptr + wcols)[None, :]
+        if SPLIT:  # float32 partial sums [split, rows, N]; the reduce kernel finishes
+            stride_ps = tl.num_programs(0) * BLOCK_M * n
+            p_ptrs = (
+                p_ptr + tl.program_id(2).to(tl.int64) * stride_ps
+                + rows[:, None].to(tl.int64) * n + cols[None, :]
+            )  # fmt: skip
+            tl.store(p_ptrs, acc, mask=live[:, None] & (cols[None, :] < n))
+        else:
+            acc = acc * tl.load(s_ptr + wcols)[None, :]
+            if HAS_BIAS:
+                acc = acc + tl.load(b_ptr + wcols).to(tl.float32)[None, :]
+            o_ptrs = o_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :]
+            out_mask = live[:, None] & (cols[None, :] < n)
+            tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _w8a16_reduce_kernel(
+        p_ptr, s_ptr, b_ptr, o_ptr,
+        n, stride_ps, stride_pm, stride_o,
+        SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        live = cols < n
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for split in tl.static_range(SPLITS):  # a fixed order: deterministic sums
+            acc += tl.load(p_ptr + split * stride_ps + row * stride_pm + cols, mask=live)
+        acc = acc * tl.load(s_ptr + cols, mask=live, other=0.0)
         if HAS_BIAS:
-            acc = acc + tl.load(b_ptr + wcols).to(tl.float32)[None, :]
-        o_ptrs = o_ptr + rows[:, None].to(tl.int64) * stride_o + cols[None, :]
-        tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=live[:, None] & (cols[None, :] < n))
+            acc = acc + tl.load(b_ptr + cols, mask=live, other=0.0).to(tl.float32)
+        tl.store(o_ptr + row * stride_o + cols, acc.to(o_ptr.dtype.element_ty), mask=live)

@@ -42,6 +42,18 @@ def test_matches_dequantised_gemm(m, n, k, bias, dtype) -> None:
 
 
 @kernel_case
+@pytest.mark.parametrize(("split", "k"), [(2, 300), (3, 256), (4, 64), (8, 100)])
+def test_split_k_matches_the_single_split(split: int, k: int) -> None:
+    # more splits than K steps are clipped; uneven last steps are masked
+    x, q, scale, b = _operands(3, 40, k, torch.float16, seed=split, bias=True)
+    one = kernel.w8a16_linear(x, q, scale, b, tiles=(32, 32, 4, 2, 1))
+    got = kernel.w8a16_linear(x, q, scale, b, tiles=(32, 32, 4, 2, split))
+    torch.testing.assert_close(got.float(), one.float(), rtol=1e-3, atol=1e-3)
+    want = kernel.w8a16_reference(x, q, scale, b)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
+@kernel_case
 def test_supported_keeps_large_batches_and_other_dtypes_away() -> None:
     x, q, scale, _ = _operands(2, 32, 64, torch.float16, seed=0, bias=False)
     assert kernel.supported(x, q)
@@ -58,3 +70,7 @@ def test_glm_projection_widths_on_gpu(m: int) -> None:
     x, q, scale, b = _operands(m, 14336, 4096, torch.bfloat16, seed=m, bias=True)
     got = kernel.w8a16_linear(x, q, scale, b)
     torch.testing.assert_close(got, kernel.w8a16_reference(x, q, scale, b), rtol=2e-2, atol=2e-2)
+    # the attention output projection's shape, split along its long K
+    x, q, scale, _ = _operands(m, 4096, 12288, torch.bfloat16, seed=m, bias=False)
+    got = kernel.w8a16_linear(x, q, scale, tiles=(32, 256, 4, 3, 4))
+    torch.testing.assert_close(got, kernel.w8a16_reference(x, q, scale), rtol=2e-2, atol=2e-2)
