@@ -3,7 +3,8 @@
 Contract: ``triton_enabled(t)`` is true when ``t`` lives on a CUDA device, Triton imports, and
 ``GLIMPSE_DISABLE_TRITON`` was not set to a non-empty value other than ``0`` when this module was
 first imported. The variable is read once here (tests flip ``TRITON_DISABLED`` instead); Triton is
-imported on the first CUDA query only, so CPU-only processes never pay for it.
+imported on the first CUDA query only, so CPU-only processes never pay for it. Kernel switches
+read from the environment live here too: ``FP8_ACTIVATIONS`` (``GLIMPSE_FP8_ACTIVATIONS``).
 
 What does not belong here: per-kernel shape or dtype checks (each kernel wrapper owns those).
 """
@@ -15,6 +16,9 @@ import os
 import torch
 
 TRITON_DISABLED: bool = os.environ.get("GLIMPSE_DISABLE_TRITON", "") not in ("", "0")
+# W8A8 (e4m3 activations) in the fused FP8 experts for prefill-sized batches
+# (``kernels/fused_moe.py``). NOTE: opt-in until it is measured on a GPU against W8A16.
+FP8_ACTIVATIONS: bool = os.environ.get("GLIMPSE_FP8_ACTIVATIONS", "") not in ("", "0")
 
 _triton_available: bool | None = None
 

@@ -1,4 +1,4 @@
-"""Fused routed experts for decode-sized batches: slot alignment plus two Triton GEMM kernels.
+"""Fused routed experts (decode-sized batches; FP8 at any size): slot alignment, two GEMM kernels.
 
 Contract: ``fused_experts(x, w13, w2, route_weights, route_ids, expert_start, foreign_slots)``
 takes ``x [T, H]``, ``w13 [E_local, 2I, H]`` (gate rows then up rows), ``w2 [E_local, H, I]``
@@ -19,6 +19,21 @@ kernels read the codes (half the bytes of bf16: decode is bound by them), widen 
 result is that of the dequantised weights ``w.float() * scale`` with unquantised activations.
 There is no slot limit: prefill-sized FP8 batches take the same kernels with 64-row blocks
 (``supported(..., fp8=True)``).
+
+FP8 activations (W8A8, ``fp8_activations``): prefill-sized FP8 batches are compute-bound, and
+Hopper's e4m3 tensor cores run twice bf16's rate. ``x`` is quantised per token
+(``quant_fp8.quant_fp8_per_token``: ``x_q [T, H]`` e4m3 and ``x_scale [T, 1]`` float32), the
+gate/up kernel multiplies the gathered ``x_q`` rows by the weight codes as they are and scales
+its float32 sums by ``x_scale[token] * w13_scale[row]`` before the SiLU-mul; ``h`` (stored in
+``x.dtype``) is quantised per slot row by a second launch of the same quantiser, and the down
+kernel scales by ``h_scale[row] * weight[slot] * w2_scale[row]``. The result is that of the
+dequantised weights applied to the dequantised ``x`` and to the dequantised ``h`` (the tests'
+``_w8a8_reference``). The quantiser of ``h`` is a separate launch because a row's amax spans
+every I tile, each a different program; it streams ``h`` once more (~0.3 GB at 8,192 tokens
+of GLM-4.5-Air, well under a tenth of the down GEMM's time even at the FP8 rate) and also
+quantises the unused padded rows (garbage, never read: the down kernel masks them). Opt-in:
+``fp8_activations=None`` takes ``kernels.dispatch.FP8_ACTIVATIONS`` (off unless
+``GLIMPSE_FP8_ACTIVATIONS`` is set) and then applies it past ``MAX_SLOTS`` only; nothing of it is measured on a GPU yet.
 
 Steps, none of which reads a device value on the host (the whole call can be captured in a CUDA
 graph):
@@ -52,6 +67,9 @@ from typing import NamedTuple
 
 import torch
 
+from kernels import dispatch
+from kernels.quant_fp8 import quant_fp8_per_token
+
 try:  # optional: a CPU-only install may lack it
     import triton
     import triton.language as tl
@@ -65,6 +83,7 @@ BLOCK_M = 16  # rows per block: the smallest tl.dot M, since a decode expert see
 MAX_SLOTS = 4096
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP8_DTYPE = torch.float8_e4m3fn
+FP8_ACT_BLOCK_M = 64  # rows per block with FP8 activations, at every batch size: one wgmma M
 
 
 class AlignedSlots(NamedTuple):
@@ -188,7 +207,14 @@ def _block_m(num_slots: int) -> int:
     return BLOCK_M if num_slots <= MAX_SLOTS else 64
 
 
-def _tile_configs(num_slots: int, fp8: bool = False) -> tuple[TileConfig, TileConfig]:
+def _tile_configs(
+    num_slots: int, fp8: bool = False, fp8_act: bool = False
+) -> tuple[TileConfig, TileConfig]:
+    if fp8_act:
+        # NOTE: untuned, sized for Hopper: 64-row blocks (one warpgroup's wgmma M), 128-wide
+        # e4m3 tiles with a 128-byte reduction step; gate/up stages 8 + 2 x 16 KiB per step
+        # (x 3 = 120 KiB of shared memory), down 8 + 16 KiB (x 4 = 96 KiB).
+        return TileConfig(128, 128, 3, 8), TileConfig(128, 128, 4, 4)
     # NOTE: a starting table (the decode rows measured on an H200, the rest not tuned). Decode is
     # weight-bandwidth bound, so what matters is enough programs in flight: a few row blocks need
     # narrow tiles to fill the SMs (a gate/up program already streams 2 * block_n weight rows).
@@ -220,9 +246,17 @@ def fused_experts(
     edges: torch.Tensor | None = None,  # [E_local + 1] int64 0..E_local; past MAX_SLOTS only
     w13_scale: torch.Tensor | None = None,  # [E_local, 2I, 1] float32 with FP8 w13
     w2_scale: torch.Tensor | None = None,  # [E_local, H, 1] float32 with FP8 w2
+    # FP8 weights only: True quantises x and h to e4m3 (W8A8) at any size; False keeps them in
+    # x.dtype (W8A16); None: dispatch.FP8_ACTIVATIONS (default off: opt-in until measured on a GPU),
+    # applied past MAX_SLOTS only, since decode is bound by the weight reads either way
+    fp8_activations: bool | None = None,
 ) -> torch.Tensor:  # [T, H] float32
     t, k = route_ids.shape
     fp8 = w13_scale is not None
+    if fp8_activations is None:
+        fp8_activations = fp8 and dispatch.FP8_ACTIVATIONS and t * k > MAX_SLOTS
+    if fp8_activations and not fp8:
+        raise ValueError("fp8_activations needs FP8 weights with their scales")
     e, two_i, h = w13.shape
     inter = two_i // 2
     if triton is None:
@@ -242,29 +276,33 @@ def fused_experts(
     if x.stride(1) != 1:
         x = x.contiguous()
     slots = t * k
-    block_m = _block_m(slots)
+    block_m = FP8_ACT_BLOCK_M if fp8_activations else _block_m(slots)
     if slots <= MAX_SLOTS:  # decode: one launch instead of ~15 small torch kernels
         aligned = align_slots_triton(route_ids, e, expert_start, block_m)
     else:
         aligned = align_slots(route_ids, e, expert_start, foreign_slots, edges, block_m)
     rows = aligned.sorted_slot_ids.numel()
     blocks = rows // block_m
-    up_cfg, down_cfg = _tile_configs(slots, fp8)
+    up_cfg, down_cfg = _tile_configs(slots, fp8, fp8_activations)
     # fp32 (the tests' exact path) must not round through TF32; half types take the default
     precision = "ieee" if x.dtype == torch.float32 else None
+    x_in, x_scale = quant_fp8_per_token(x) if fp8_activations else (x, s13)  # [T, H], [T, 1]
 
     hidden_act = x.new_empty(rows, inter)  # [max_padded, I]; sentinel rows never written
     # row blocks on grid axis 0 (launched first): an expert's blocks run side by side, so each
     # weight tile comes from HBM once and the other blocks find it in L2
     bn, bk = _fit(up_cfg, inter, h)
     _gate_up_kernel[(blocks, triton.cdiv(inter, bn))](
-        x, w13, s13, hidden_act, aligned.sorted_slot_ids, aligned.block_expert,
+        x_in, x_scale, w13, s13, hidden_act, aligned.sorted_slot_ids, aligned.block_expert,
         aligned.num_padded,
         slots, inter, h,
-        x.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), hidden_act.stride(0),
+        x_in.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), hidden_act.stride(0),
         TOP_K=k, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=h % bk == 0, HAS_SCALE=fp8,
-        PRECISION=precision, num_stages=up_cfg.num_stages, num_warps=up_cfg.num_warps,
+        ACT_SCALE=fp8_activations, PRECISION=precision,
+        num_stages=up_cfg.num_stages, num_warps=up_cfg.num_warps,
     )  # fmt: skip
+    # W8A8: h per slot row, [max_padded, I] e4m3 and [max_padded, 1] float32
+    h_in, h_scale = quant_fp8_per_token(hidden_act) if fp8_activations else (hidden_act, s2)
 
     # every local slot gets its row written; foreign slots' rows must read as zero
     y = (torch.zeros if foreign_slots else torch.empty)(
@@ -273,12 +311,13 @@ def fused_experts(
     weights = route_weights.reshape(-1).contiguous()  # [T*K] float32
     bn, bk = _fit(down_cfg, h, inter)
     _down_kernel[(blocks, triton.cdiv(h, bn))](
-        hidden_act, w2, s2, y, weights, aligned.sorted_slot_ids, aligned.block_expert,
+        h_in, h_scale, w2, s2, y, weights, aligned.sorted_slot_ids, aligned.block_expert,
         aligned.num_padded,
         slots, h, inter,
-        hidden_act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), y.stride(0),
+        h_in.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, HAS_SCALE=fp8,
-        PRECISION=precision, num_stages=down_cfg.num_stages, num_warps=down_cfg.num_warps,
+        ACT_SCALE=fp8_activations, PRECISION=precision,
+        num_stages=down_cfg.num_stages, num_warps=down_cfg.num_warps,
     )  # fmt: skip
     return y.view(t, k, h).sum(1)
 
@@ -287,12 +326,12 @@ if triton is not None:
 
     @triton.jit
     def _gate_up_kernel(
-        x_ptr, w_ptr, s_ptr, h_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
+        x_ptr, xs_ptr, w_ptr, s_ptr, h_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
         num_slots, inter, hidden,
         stride_x, stride_we, stride_wn, stride_se, stride_h,
         TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr,
-        PRECISION: tl.constexpr,
+        ACT_SCALE: tl.constexpr, PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         if block * BLOCK_M >= tl.load(num_padded_ptr):
@@ -321,7 +360,9 @@ if triton is not None:
                 a = tl.load(x_ptrs, mask=real[:, None] & (ks[None, :] < left), other=0.0)
                 g = tl.load(gate_ptrs, mask=ks[:, None] < left, other=0.0)
                 u = tl.load(up_ptrs, mask=ks[:, None] < left, other=0.0)
-            if HAS_SCALE:  # FP8 codes: widen for the tensor cores, scale the sums below
+            # FP8 codes: widened to x's dtype for the tensor cores (W8A16), or kept as they are
+            # when x is e4m3 too (W8A8: a no-op cast); the sums are scaled below
+            if HAS_SCALE:
                 g = g.to(a.dtype)
                 u = u.to(a.dtype)
             acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
@@ -333,6 +374,10 @@ if triton is not None:
             scales = s_ptr + expert * stride_se + wcols
             acc_gate = acc_gate * tl.load(scales)[None, :]
             acc_up = acc_up * tl.load(scales + inter)[None, :]
+        if ACT_SCALE:  # x_q rows: one float32 scale per token
+            x_scale = tl.load(xs_ptr + tokens, mask=real, other=0.0)[:, None]
+            acc_gate = acc_gate * x_scale
+            acc_up = acc_up * x_scale
         act = acc_gate * tl.sigmoid(acc_gate) * acc_up  # silu(g) * u in float32, rounded once
         out_ptrs = h_ptr + rows[:, None] * stride_h + cols[None, :]
         keep = real[:, None] & (cols[None, :] < inter)
@@ -340,11 +385,13 @@ if triton is not None:
 
     @triton.jit
     def _down_kernel(
-        h_ptr, w_ptr, s_ptr, y_ptr, route_w_ptr, slot_ptr, block_expert_ptr, num_padded_ptr,
+        h_ptr, hs_ptr, w_ptr, s_ptr, y_ptr, route_w_ptr, slot_ptr, block_expert_ptr,
+        num_padded_ptr,
         num_slots, hidden, inter,
         stride_h, stride_we, stride_wn, stride_se, stride_y,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, PRECISION: tl.constexpr,
+        EVEN_K: tl.constexpr, HAS_SCALE: tl.constexpr, ACT_SCALE: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         if block * BLOCK_M >= tl.load(num_padded_ptr):
@@ -374,6 +421,8 @@ if triton is not None:
             h_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
         weight = tl.load(route_w_ptr + slots, mask=real, other=0.0)  # [BLOCK_M] float32
+        if ACT_SCALE:  # h_q rows: one float32 scale per slot row
+            weight = weight * tl.load(hs_ptr + rows, mask=real, other=0.0)
         acc = acc * weight[:, None]
         if HAS_SCALE:
             acc = acc * tl.load(s_ptr + expert * stride_se + wcols)[None, :]
