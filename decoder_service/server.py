@@ -8,12 +8,15 @@ answers UNAVAILABLE. ``wait_ready()`` returns once serving (raises if loading fa
 server letting in-flight calls finish within ``shutdown_grace_s`` (the rest are cancelled, which
 aborts them), then stops the engine loop and closes the encoder channels. Message size limits
 are raised explicitly (requests may carry raw media). Metrics are served on their own port.
+Once warm, the heap built by loading (modules, weights' Python objects, the KV block pool) is
+frozen out of the garbage collector's scans (``gc.freeze``), and thawed again on ``stop()``.
 Not here: request handling (servicer.py), flags (cli.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 
@@ -54,6 +57,7 @@ class DecoderServer:
         self._loaded: LoadedModel | None = None
         self._ready: asyncio.Future[None] | None = None
         self._load_task: asyncio.Task[None] | None = None
+        self._frozen = False  # gc.freeze() done after warm-up (undone by stop)
 
     @property
     def served_model_name(self) -> str:
@@ -119,6 +123,13 @@ class DecoderServer:
             runtime = self._build_runtime(loaded)
             runtime.loop.start()
             await asyncio.wait_for(_warm_up(runtime), _WARMUP_TIMEOUT_S)
+            # NOTE: a full collection walks every tracked object: with the loaded process's
+            # heap (hundreds of thousands of objects, one KVBlock per KV block) one took over
+            # 100 ms, stalling the engine thread mid-step. Frozen objects are never scanned;
+            # what requests allocate from here on is collected as usual.
+            gc.collect()
+            gc.freeze()
+            self._frozen = True
         except asyncio.CancelledError:
             self._ready.cancel()
             raise
@@ -181,6 +192,9 @@ class DecoderServer:
         if self._loaded is not None:
             self._loaded.close()
         await self._pool.close()
+        if self._frozen:  # the engine's objects may be garbage now: let the collector see them
+            gc.unfreeze()
+            self._frozen = False
 
 
 async def _warm_up(rt: Runtime) -> None:

@@ -8,7 +8,10 @@ strings are set, text that could still turn out to be the start of a stop string
 and once a stop string appears the text is cut before it (``stop_string`` says which); nothing
 of the stop string is ever released. ``flush()`` releases what is held when the request ends
 for another reason. Works with a ``tokenizers.Tokenizer`` or a transformers fast tokenizer.
-The text itself is kept only when there are stop strings to search it for. ``single_texts``
+The text itself is kept only when there are stop strings to search it for, and then only its
+tail that a later stop string could still start in (released text before the last
+``max(len(stop)) - 1`` characters is dropped), so a push costs O(new text), not O(output).
+``single_texts``
 lets many detokenizers of one tokenizer and one ``skip_special_tokens`` setting share the decodes
 of single ids (a step's decode window is usually the one token released last step).
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 _REPLACEMENT = "\ufffd"
+_TRIM_AT = 1024  # characters of dead text that make ``_trim`` copy the live tail
 
 
 def backend_tokenizer(tokenizer: Any) -> Any:
@@ -46,7 +50,8 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0  # decode window start (context for the next piece)
         self._read_offset = 0  # tokens up to here are already released (or held back)
         self._window: str | None = ""  # decode of ids[prefix:read]; None = not decoded yet
-        # with stop strings: the text decoded so far (cut at a stop string if one matched)
+        # with stop strings: the tail of the text decoded so far (cut at a stop string if one
+        # matched); what came before it was released and no stop string can start there
         self._text = ""
         self._released = 0  # characters of ``_text`` handed out
         self.stop_string: str | None = None  # the stop string that matched, if any
@@ -77,11 +82,20 @@ class IncrementalDetokenizer:
         self._prefix_offset, self._read_offset, self._window = read, len(ids), None
         if not self._stop:  # nothing to hold back: everything complete is released
             return new_text
+        self._trim()
         searched_from = len(self._text)
         self._text += new_text
         if self._cut_at_stop(searched_from):
             return self._release(len(self._text))
         return self._release(len(self._text) - self._held_back())
+
+    def _trim(self) -> None:
+        """Drop released text that no stop string can start in any more: a match found later
+        starts at or after ``len(_text) - max_stop + 1``, and held text is never released."""
+        drop = min(self._released, len(self._text) - self._max_stop + 1)
+        if drop >= _TRIM_AT:  # amortised: the copy happens once per _TRIM_AT characters
+            self._text = self._text[drop:]
+            self._released -= drop
 
     def flush(self) -> str:
         """Release everything still held (the request ended without a stop string)."""

@@ -55,7 +55,7 @@ from models.glm4v.config import ModelConfig
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     """What one step produced for one request."""
 
@@ -305,7 +305,8 @@ class LLMEngine:
         want_logprobs = bool(result.logprobs)
         for req, new_ids in updates:
             text = ""
-            detok = detoks.get(req.request_id)
+            rid = req.request_id
+            detok = detoks.get(rid)
             if detok is not None:
                 text = detok.push(new_ids)
                 if detok.stop_string is not None and not req.finished:
@@ -314,8 +315,24 @@ class LLMEngine:
                     )
                 elif req.finished:
                     text += detok.flush()
-            lp = result.logprobs_of(req.request_id, new_ids[0]) if want_logprobs else None
-            outputs.append(self._output(req, new_ids, text, [lp] if lp else None))
+            lp = result.logprobs_of(rid, new_ids[0]) if want_logprobs else None
+            if req.status is RequestStatus.RUNNING:
+                # the common case, one per running request per step: positional, no lookups
+                outputs.append(
+                    RequestOutput(
+                        rid,
+                        new_ids,
+                        text,
+                        False,
+                        None,
+                        None,
+                        len(req.prompt_token_ids),
+                        max(req.num_cached_tokens, 0),
+                        [lp] if lp else None,
+                    )
+                )
+            else:
+                outputs.append(self._output(req, new_ids, text, [lp] if lp else None))
         return outputs
 
     def _output(self, req: Request, new_ids: list[int], text: str, logprobs) -> RequestOutput:

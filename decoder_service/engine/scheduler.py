@@ -105,13 +105,54 @@ class Scheduler:
         out = SchedulerOutput(dropped_request_ids=self._dropped)
         self._dropped = []
         budget = self.config.max_num_batched_tokens
-        scheduled: set[str] = set()
-        # decodes (one token left) first, then unfinished prefills; sorted() is stable
-        for req in sorted(self.running, key=lambda r: r.num_tokens - r.num_computed_tokens > 1):
+        scheduled: set[str] = set()  # ids given a slice: never chosen as preemption victims
+        # decodes (one token left) first, then unfinished prefills, each in admission order
+        decodes, prefills = [], []
+        for req in self.running:
+            remaining = req.num_tokens - req.num_computed_tokens
+            if remaining == 1:
+                decodes.append(req)
+            elif remaining > 1:
+                prefills.append(req)
+        budget = self._schedule_decodes(decodes, budget, scheduled, out)
+        budget = self._schedule_prefills(prefills, budget, scheduled, out)
+        if not out.num_preempted:  # blocks just taken from someone are not handed to newcomers
+            budget = self._admit_waiting(budget, out)
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
+
+    def _schedule_decodes(
+        self, decodes: list[Request], budget: int, scheduled: set[str], out: SchedulerOutput
+    ) -> int:
+        # one slice per running request per step: ``_num_new_tokens`` and ``_slice`` for a
+        # one-token slice are written out here, and the allocation is tried once before the
+        # preempting loop
+        sequences, allocate, block_ids = out.sequences, self.kv.allocate, self.kv.block_ids
+        running = RequestStatus.RUNNING
+        for req in decodes:
             if budget <= 0:
                 break
-            if req.status != RequestStatus.RUNNING:
+            if req.status is not running:
                 continue  # preempted earlier in this loop
+            start = req.num_computed_tokens
+            if req.mm_items and req.computable_until(start) <= start:
+                continue  # the prompt's last token still waits for its media
+            if allocate(req, 1) or self._allocate_or_preempt(req, 1, scheduled, out):
+                rid = req.request_id
+                seq = ScheduledSequence(rid, req.all_token_ids[start:], start, block_ids(rid), True)
+                sequences.append(seq)
+                scheduled.add(rid)
+                budget -= 1
+        return budget
+
+    def _schedule_prefills(
+        self, prefills: list[Request], budget: int, scheduled: set[str], out: SchedulerOutput
+    ) -> int:
+        for req in prefills:
+            if budget <= 0:
+                break
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
             n = self._num_new_tokens(req, req.num_computed_tokens, budget)
             if n <= 0:
                 continue
@@ -119,10 +160,7 @@ class Scheduler:
                 out.sequences.append(self._slice(req, n))
                 scheduled.add(req.request_id)
                 budget -= n
-        if not out.num_preempted:  # blocks just taken from someone are not handed to newcomers
-            budget = self._admit_waiting(budget, out)
-        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
-        return out
+        return budget
 
     def _num_new_tokens(self, req: Request, start: int, budget: int) -> int:
         remaining = req.num_tokens - start
@@ -217,14 +255,18 @@ class Scheduler:
         that produced a token (including those it just finished). A forced token replaces the
         sampled one here, on rank 0: the next step sends it to every rank like any token."""
         updates = []
+        requests, running = self.requests, RequestStatus.RUNNING
         for seq in out.sequences:
-            req = self.requests.get(seq.request_id)
-            if req is None or req.status != RequestStatus.RUNNING:
+            rid = seq.request_id
+            req = requests.get(rid)
+            if req is None or req.status is not running:
                 continue  # aborted between schedule and update
             req.num_computed_tokens = seq.start + len(seq.token_ids)
             if not seq.sample:
                 continue
-            token = req.next_output_token(sampled[seq.request_id])
+            token = sampled[rid]
+            if req.forcing is not None:
+                token = req.forcing.choose(token)
             req.append_output_token(token)
             self._check_stop(req, token)
             updates.append((req, [token]))

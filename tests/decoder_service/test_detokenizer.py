@@ -112,3 +112,20 @@ def test_detokenizers_sharing_single_token_texts_stream_the_same(tok, skip):
         stopped = IncrementalDetokenizer(tok, skip, stop=("zz",), single_texts=shared)
         assert "".join(stream(stopped, ids)) == tok.decode(ids, skip_special_tokens=skip)
     assert shared and all(tok.decode([i], skip_special_tokens=skip) == t for i, t in shared.items())
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_stop_string_found_and_prefixes_released_deep_into_a_long_output(tok, chunk):
+    # thousands of characters in, near-misses of the stop string are held and then shown, and
+    # the real one is still cut; the detokenizer keeps only a bounded tail of the text
+    filler = "".join(f"line {i}: STOPNO then on. " for i in range(300))
+    text = filler + "the end STOPNOW never shown"
+    ids = tok.encode(text).ids
+    detok = IncrementalDetokenizer(tok, stop=("STOPNOW",))
+    pieces, longest = [], 0
+    for i in range(0, len(ids), chunk):
+        pieces.append(detok.push(ids[i : i + chunk]))
+        longest = max(longest, len(detok._text))
+    assert detok.stop_string == "STOPNOW"
+    assert "".join(pieces) == filler + "the end "
+    assert len(filler) > 4 * longest

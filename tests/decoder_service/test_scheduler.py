@@ -178,6 +178,28 @@ def test_request_waiting_for_media_does_not_block_others():
     assert len(slow.output_token_ids) == 2
 
 
+def test_a_prompt_ending_in_missing_media_waits_with_one_token_left():
+    # the image is the prompt's last token: once the text before it is computed the request
+    # has one token left, like a decode, and must still wait for the embeddings
+    item = MediaItem.contiguous("img", 4, 1)
+    late = Request("late", [1, 2, 3, 4, 9], SamplingParams(max_tokens=2), mm_items=[item])
+    other = Request("other", [5, 6, 7], SamplingParams(max_tokens=4))
+    sched = Scheduler(SchedulerConfig(max_model_len=512), KVCacheManager(64, BS), 512)
+    execu = FakeExecutor({"late": late, "other": other})
+    sched.add_request(late)
+    sched.add_request(other)
+    for _ in range(3):
+        out = sched.schedule()
+        assert all(s.request_id != "late" or s.start < 4 for s in out.sequences)
+        sched.update_from_output(out, execu.execute(out))
+    assert late.num_computed_tokens == 4 and not late.output_token_ids
+    item.embeds = object()
+    while sched.has_unfinished:
+        out = sched.schedule()
+        sched.update_from_output(out, execu.execute(out))
+    assert len(late.output_token_ids) == 2 and len(other.output_token_ids) == 4
+
+
 def test_stop_token_and_eos_end_requests():
     req = Request("a", [1, 2, 3], SamplingParams(max_tokens=50), eos_token_ids=())
     outs, _ = run([req])

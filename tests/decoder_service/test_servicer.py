@@ -8,6 +8,7 @@ come from transformers' greedy ``generate`` and from the tokenizer, never from t
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import os
 import signal
@@ -481,3 +482,19 @@ def _serving(port: int) -> bool:
         return health(port) == "SERVING"
     except grpc.RpcError:
         return False
+
+
+def test_warm_decoder_keeps_its_loaded_heap_out_of_garbage_collection(tiny_ckpt_45):
+    # a full collection over the loaded heap stalls the engine thread mid-step (over 100 ms
+    # measured by bench/engine_host_bench.py); once warm the decoder freezes that heap, and
+    # stopping thaws it so a stopped engine can be collected
+    loop = ServiceLoop()
+    decoder = start_decoder(loop, decoder_config(tiny_ckpt_45))
+    try:
+        assert gc.get_freeze_count() > 0
+        ids, _, _ = collect(stub(decoder.port).Generate(long_request(), timeout=30))
+        assert ids
+    finally:
+        loop.run(decoder.stop(grace_s=0))
+        loop.close()
+    assert gc.get_freeze_count() == 0
