@@ -8,11 +8,26 @@ Moves one embedding of ``--rows`` x ``--hidden`` bf16 (default 1600 x 4096: one 
     cuda_ipc           GPU producer -> GPU consumer, the producer's pool opened once by IPC
     grpc_stream(cuda)  GPU producer -> GPU consumer forced through the stream (the cross-host cost)
 
-The timed region is ``EmbeddingImporter.fetch`` (descriptor in hand -> tensor on the consumer's
-device, synchronized); the producer's put and the ack are outside it. The handoff column times
-the whole exchange a decoder sees: the Put RPC that returns the descriptor (the producer copies
-the embedding into its pool inside it), the fetch, and the Ack RPC. Prints a table and writes
-JSON (``--json``). Run: ``python -m bench.transport_bench [--iters 30] [--json out.json]``.
+The producer serves the encoder's own gRPC methods (``Encode``, ``FetchEmbedding``, ``Ack``; its
+``Encode`` skips the vision tower and stores a fixed tensor through ``EmbeddingExporter.put``,
+which copies it into the pool) with the encoder's proto conversion and channel options, and the
+consumer is the decoder's own ``EncoderClient``. Columns, all p50 except where named:
+
+    fetch ms / GB/s    ``EncoderClient.fetch``: descriptor in hand -> tensor on the consumer's
+                       device (synchronized); p90 and mean beside it
+    rpc ms             an empty unary call on the same channel options: the gRPC round-trip floor
+    encode ms          the ``Encode`` call that returns the descriptor (including the producer's
+                       copy into its pool)
+    handoff ms         what a decoder waits for: ``encode`` + ``fetch``. The ack is queued by
+                       ``fetch(ack=True)`` and not awaited, as in the decoder.
+    ack ms             how long after the handoff the queued ack was answered. The bench waits
+                       for it before the next iteration (outside every timed region), so each
+                       put finds the previous slot freed, as a decoder's steady state would.
+    cpu ms             CPU time of both processes (all threads) per iteration (encode, fetch,
+                       ack), mean: steadier than wall time on a small or shared host (Linux only)
+
+Prints a table and writes JSON (``--json``).
+Run: ``python -m bench.transport_bench [--iters 30] [--chunk-mb 1] [--paths pool,grpc_stream]``.
 """
 
 from __future__ import annotations
@@ -21,6 +36,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import signal
 import statistics
 import sys
@@ -30,12 +46,13 @@ from typing import Any
 import grpc
 import torch
 
-from encoder_service.convert import chunk_from_message, chunk_message
+from encoder_service import convert
+from encoder_service.client import EncoderClient, channel_options
+from encoder_service.config import ServerLimits
+from encoder_service.items import EncodedItem, MediaItem, Modality
 from encoder_service.transport import (
-    EmbeddingChunk,
     EmbeddingExporter,
     EmbeddingImporter,
-    EmbeddingLocation,
     ExporterConfig,
     ImporterConfig,
     TransportError,
@@ -43,66 +60,80 @@ from encoder_service.transport import (
     grpc_status,
 )
 from protos import encoder_pb2 as pb
+from protos import encoder_pb2_grpc as pb_grpc
 
-SERVICE = "glimpse.bench.Transport"
-
-
-def _encode_chunk(c: EmbeddingChunk) -> bytes:  # the encoder's own wire message
-    return chunk_message(c).SerializeToString()
-
-
-def _decode_chunk(b: bytes) -> EmbeddingChunk:
-    return chunk_from_message(pb.EmbeddingChunk.FromString(b))
-
-
-def _js(d: Any) -> bytes:
-    return json.dumps(d).encode()
+EMPTY_METHOD = "/glimpse.bench.Transport/Empty"
+_ITEM = MediaItem(index=0, modality=Modality.IMAGE, data=b"bench")  # Encode ignores it
+# --paths names -> the importer's force_path: "pool" is the same-host path (shm or cuda_ipc).
+_PATH_KINDS = {"pool": None, "grpc_stream": "grpc_stream"}
 
 
 # -- producer process -----------------------------------------------------------------------
 
 
-async def _produce(port_queue: Any, rows: int, hidden: int, pool_bytes: int) -> None:
-    exporters = {"cpu": EmbeddingExporter(ExporterConfig(pool_bytes=pool_bytes), device="cpu")}
-    if torch.cuda.is_available():
-        exporters["cuda"] = EmbeddingExporter(ExporterConfig(pool_bytes=pool_bytes), device="cuda")
-    g = torch.Generator().manual_seed(0)
-    source = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
-    tensors = {name: source.to(e.device) for name, e in exporters.items()}
+class _BenchEncoder(pb_grpc.EncoderServicer):
+    """The encoder's RPC surface over one exporter, without the vision tower."""
 
-    async def put(req: dict, context: Any) -> dict:
-        return exporters[req["device"]].put(tensors[req["device"]]).to_dict()
+    def __init__(self, exporter: EmbeddingExporter, tensor: torch.Tensor) -> None:
+        self._exporter = exporter
+        self._tensor = tensor  # [rows, hidden] bf16 on the exporter's device
+        t, h, w = 1, 2 * tensor.shape[0], 2
+        self._item = EncodedItem("bench", Modality.IMAGE, tensor, (t, h, w), (), False)
 
-    async def ack(req: dict, context: Any) -> dict:
-        return {"released": exporters[req["device"]].ack(req["embedding_id"]).released}
+    async def Encode(self, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
+        where = self._exporter.put(
+            self._tensor, request.num_consumers, convert.consumer_host(request)
+        )
+        return convert.encode_response([self._item], [where])
 
-    async def fetch(req: dict, context: Any):
+    async def FetchEmbedding(self, request: pb.FetchEmbeddingRequest, context: Any):
         try:
-            for chunk in exporters[req["device"]].stream_chunks(req["embedding_id"]):
-                yield chunk
+            for chunk in self._exporter.stream_chunks(request.embedding_id, request.chunk_bytes):
+                yield convert.chunk_message(chunk)
         except TransportError as e:
             await context.abort(grpc_status(e), str(e))
 
-    unary = {"request_deserializer": json.loads, "response_serializer": _js}
-    handlers = {
-        "Put": grpc.unary_unary_rpc_method_handler(put, **unary),
-        "Ack": grpc.unary_unary_rpc_method_handler(ack, **unary),
-        "Fetch": grpc.unary_stream_rpc_method_handler(
-            fetch, request_deserializer=json.loads, response_serializer=_encode_chunk
-        ),
-    }
-    server = grpc.aio.server(options=grpc_message_options())
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    port_queue.put(port)
-    # Close the pool on SIGTERM so its shared memory is unlinked by its owner.
+    async def Ack(self, request: pb.AckRequest, context: Any) -> pb.AckResponse:
+        known = released = 0
+        for embedding_id in request.embedding_ids:
+            outcome = self._exporter.ack(embedding_id, request.consumer or None)
+            known, released = known + outcome.known, released + outcome.released
+        return convert.ack_response(known, released)
+
+
+async def _empty(request: bytes, context: Any) -> bytes:
+    return b""
+
+
+async def _produce(port_queue: Any, rows: int, hidden: int, pool_bytes: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    source = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    exporters, servers, ports = [], [], {}
+    for device in devices:  # one server per device: Encode has no device field
+        # the encoder server's default chunk, which a client asking for 0 gets
+        config = ExporterConfig(pool_bytes, chunk_bytes=ServerLimits().stream_chunk_bytes)
+        exporter = EmbeddingExporter(config, device=device)
+        server = grpc.aio.server(options=grpc_message_options())
+        pb_grpc.add_EncoderServicer_to_server(
+            _BenchEncoder(exporter, source.to(exporter.device)), server
+        )
+        empty = {"Empty": grpc.unary_unary_rpc_method_handler(_empty)}
+        generic = grpc.method_handlers_generic_handler("glimpse.bench.Transport", empty)
+        server.add_generic_rpc_handlers((generic,))
+        ports[device] = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        exporters.append(exporter)
+        servers.append(server)
+    port_queue.put(ports)
+    # Close the pools on SIGTERM so their shared memory is unlinked by its owner.
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
-    await server.stop(None)
-    for e in exporters.values():
-        e.close()
+    for server in servers:
+        await server.stop(None)
+    for exporter in exporters:
+        exporter.close()
 
 
 def _producer_main(port_queue: Any, rows: int, hidden: int, pool_bytes: int) -> None:
@@ -112,58 +143,89 @@ def _producer_main(port_queue: Any, rows: int, hidden: int, pool_bytes: int) -> 
 # -- consumer (this process) ----------------------------------------------------------------
 
 
-async def _bench_path(
-    target: str, device: str, producer_device: str, force: str | None, iters: int, warmup: int
-) -> dict:
-    channel = grpc.aio.insecure_channel(target, options=grpc_message_options())
-    put = channel.unary_unary(
-        f"/{SERVICE}/Put", request_serializer=_js, response_deserializer=json.loads
-    )
-    ack = channel.unary_unary(
-        f"/{SERVICE}/Ack", request_serializer=_js, response_deserializer=json.loads
-    )
-    stream = channel.unary_stream(
-        f"/{SERVICE}/Fetch", request_serializer=_js, response_deserializer=_decode_chunk
-    )
-
-    def fetch_fn(loc: EmbeddingLocation):
-        return stream({"device": producer_device, "embedding_id": loc.embedding_id}, timeout=60)
-
-    importer = EmbeddingImporter(ImporterConfig(device=device, force_path=force))
-    times: list[float] = []
-    handoffs: list[float] = []  # descriptor RPC + fetch + ack, the whole handoff
-    path_used = ""
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, all threads (NaN without /proc)."""
     try:
-        for i in range(warmup + iters):
-            put_start = time.perf_counter()
-            loc = EmbeddingLocation.from_dict(await put({"device": producer_device}, timeout=60))
-            before = dict(importer.stats.fetches)
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _p50_ms(xs: list[float]) -> float:
+    return statistics.median(xs) * 1e3
+
+
+async def _rpc_floor(target: str, iters: int) -> float:
+    """p50 of an empty unary call on a channel with the client's options."""
+    async with grpc.aio.insecure_channel(target, options=channel_options(0)) as channel:
+        call = channel.unary_unary(EMPTY_METHOD)
+        times = []
+        for i in range(iters + 10):
             start = time.perf_counter()
-            out = await importer.fetch(loc, fetch_fn)
+            await call(b"", timeout=60)
+            if i >= 10:
+                times.append(time.perf_counter() - start)
+    return _p50_ms(times)
+
+
+async def _bench_path(
+    target: str,
+    producer_pid: int,
+    device: str,
+    force: str | None,
+    chunk_bytes: int,
+    iters: int,
+    warmup: int,
+) -> dict:
+    importer = EmbeddingImporter(ImporterConfig(device=device, force_path=force))
+    fetches: list[float] = []
+    encodes: list[float] = []
+    handoffs: list[float] = []
+    acks: list[float] = []
+    path_used = ""
+    async with EncoderClient(target, importer=importer) as client:
+        for i in range(warmup + iters):
+            if i == warmup:
+                cpu_start = _cpu_s(os.getpid()) + _cpu_s(producer_pid)
+            start = time.perf_counter()
+            [desc] = await client.encode([_ITEM], timeout=60)
+            fetch_start = time.perf_counter()
+            before = dict(importer.stats.fetches)
+            out = await client.fetch(desc, chunk_bytes, timeout=60, ack=True)
             if out.is_cuda:
                 torch.cuda.synchronize(out.device)
-            elapsed = time.perf_counter() - start
+            done = time.perf_counter()
+            await client.drain_acks()  # outside the handoff: the decoder does not wait for it
+            acked = time.perf_counter()
             path_used = next(p for p, n in importer.stats.fetches.items() if n > before.get(p, 0))
-            await ack({"device": producer_device, "embedding_id": loc.embedding_id}, timeout=60)
             if i >= warmup:
-                times.append(elapsed)
-                handoffs.append(time.perf_counter() - put_start)
-        nbytes = loc.nbytes
-    finally:
-        importer.close()
-        await channel.close()
-    times.sort()
-    p50 = statistics.median(times)
+                encodes.append(fetch_start - start)
+                fetches.append(done - fetch_start)
+                handoffs.append(done - start)
+                acks.append(acked - done)
+        cpu = _cpu_s(os.getpid()) + _cpu_s(producer_pid) - cpu_start
+        assert client.acks_failed == 0, "an ack failed: the producer's pool would fill up"
+    importer.close()
+    nbytes = desc.nbytes
+    fetches.sort()
+    p50 = statistics.median(fetches)
     return {
         "path": path_used,
         "device": device,
         "nbytes": nbytes,
         "iters": iters,
+        "chunk_bytes": chunk_bytes,
         "p50_ms": p50 * 1e3,
-        "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))] * 1e3,
-        "mean_ms": statistics.fmean(times) * 1e3,
+        "p90_ms": fetches[min(len(fetches) - 1, int(0.9 * len(fetches)))] * 1e3,
+        "mean_ms": statistics.fmean(fetches) * 1e3,
         "gbps_p50": nbytes / p50 / 1e9,
-        "handoff_p50_ms": statistics.median(handoffs) * 1e3,
+        "rpc_floor_p50_ms": await _rpc_floor(target, iters),
+        "encode_p50_ms": _p50_ms(encodes),
+        "handoff_p50_ms": _p50_ms(handoffs),
+        "ack_p50_ms": _p50_ms(acks),
+        "cpu_ms_per_iter": cpu / iters * 1e3,
     }
 
 
@@ -174,8 +236,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--pool-mb", type=int, default=256)
+    parser.add_argument(
+        "--chunk-mb",
+        type=float,
+        default=0,
+        help="stream chunk the client asks for; 0 = the encoder server's default",
+    )
+    parser.add_argument(
+        "--paths", default="", help="comma-separated subset of: pool,grpc_stream (empty = all)"
+    )
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
+    chunk_bytes = int(args.chunk_mb * (1 << 20))
+    wanted = {p for p in args.paths.split(",") if p}
+    if wanted - set(_PATH_KINDS):
+        parser.error(f"--paths takes {sorted(_PATH_KINDS)}, not {sorted(wanted)}")
 
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
@@ -186,15 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     producer.start()
     try:
-        target = f"127.0.0.1:{ports.get(timeout=120)}"
-        cases = [("cpu", "cpu", None), ("cpu", "cpu", "grpc_stream")]
+        targets = {dev: f"127.0.0.1:{port}" for dev, port in ports.get(timeout=120).items()}
+        cases = [("cpu", None), ("cpu", "grpc_stream")]
         if torch.cuda.is_available():
-            cases += [("cuda", "cuda", None), ("cuda", "cuda", "grpc_stream")]
+            cases += [("cuda", None), ("cuda", "grpc_stream")]
+        if wanted:
+            cases = [c for c in cases if any(_PATH_KINDS[w] == c[1] for w in wanted)]
         results = []
-        for device, producer_device, force in cases:
-            r = asyncio.run(
-                _bench_path(target, device, producer_device, force, args.iters, args.warmup)
+        for device, force in cases:
+            run = _bench_path(
+                targets[device], producer.pid, device, force, chunk_bytes, args.iters, args.warmup
             )
+            r = asyncio.run(run)
             results.append(r)
     finally:
         producer.terminate()
@@ -202,17 +280,20 @@ def main(argv: list[str] | None = None) -> int:
 
     mib = args.rows * args.hidden * 2 / (1 << 20)
     print(f"embedding {args.rows}x{args.hidden} bf16 ({mib:.1f} MiB), {args.iters} iterations")
+    print("fetch = descriptor -> tensor; handoff = encode + fetch (ack queued, not awaited)")
     print(
-        f"{'path':<18}{'device':<8}{'p50 ms':>10}{'p90 ms':>10}{'mean ms':>10}{'GB/s':>9}"
-        f"{'handoff p50 ms':>16}"
+        f"{'path':<18}{'device':<8}{'fetch ms':>10}{'p90 ms':>9}{'mean ms':>9}{'GB/s':>7}"
+        f"{'rpc ms':>8}{'encode ms':>11}{'handoff ms':>12}{'ack ms':>8}{'cpu ms':>8}"
     )
     for r in results:
         name = r["path"] + (
             "(cuda)" if r["path"] == "grpc_stream" and r["device"] == "cuda" else ""
         )
         print(
-            f"{name:<18}{r['device']:<8}{r['p50_ms']:>10.3f}{r['p90_ms']:>10.3f}"
-            f"{r['mean_ms']:>10.3f}{r['gbps_p50']:>9.2f}{r['handoff_p50_ms']:>16.3f}"
+            f"{name:<18}{r['device']:<8}{r['p50_ms']:>10.3f}{r['p90_ms']:>9.3f}"
+            f"{r['mean_ms']:>9.3f}{r['gbps_p50']:>7.2f}{r['rpc_floor_p50_ms']:>8.3f}"
+            f"{r['encode_p50_ms']:>11.3f}{r['handoff_p50_ms']:>12.3f}{r['ack_p50_ms']:>8.3f}"
+            f"{r['cpu_ms_per_iter']:>8.1f}"
         )
     report = {
         "rows": args.rows,

@@ -7,8 +7,10 @@ retried on another replica when one is UNAVAILABLE), expands the placeholders to
 counts the encoders report and computes the 3-D M-RoPE positions. It returns a
 ``PreparedPrompt`` whose media items have no embeddings yet; ``fetch(prepared, attach,
 deadline)`` then pulls each embedding from the replica that made it (its shm / CUDA IPC pool on
-the same host, else a gRPC stream), acknowledges it and hands it to ``attach(index, tensor)``. ``release`` acknowledges
-embeddings that will never be fetched. Encoder failures become ``ServiceError``s that name the
+the same host, else a gRPC stream) and hands it to ``attach(index, tensor)``; ``release``
+acknowledges embeddings that will never be fetched. Acks never hold up a request: a fetched
+embedding's ack and every release are queued on the replica's client (``ack_later``), which sends
+those of one loop turn as one Ack call and keeps them until answered. Encoder failures become ``ServiceError``s that name the
 item (``invalid_image`` / ``invalid_video`` for bad media, DEADLINE, queue_full, UNAVAILABLE).
 Not here: the engine, protobuf of the decoder API, the encoders' own media rules (SSRF, local
 paths, size caps: the encoder enforces them where it fetches).
@@ -81,7 +83,6 @@ class MediaDispatcher:
         self.processor = processor
         self.pool = pool
         self.limits = limits
-        self._acks: set[asyncio.Task[None]] = set()  # background acks, referenced until done
 
     async def prepare(self, chat: ChatRequest, deadline: float) -> PreparedPrompt:
         """``deadline`` is a ``time.monotonic()`` instant for all encoder work."""
@@ -183,6 +184,8 @@ class MediaDispatcher:
     ) -> None:
         try:
             with p.replica.busy():
+                # ack=True queues the ack once the tensor is here; a failed fetch is released
+                # by the caller (the servicer releases every item that was not attached).
                 embeds = await p.replica.client.fetch(
                     p.descriptor, timeout=_remaining(deadline), ack=True
                 )
@@ -194,27 +197,13 @@ class MediaDispatcher:
         attach(p.index, embeds)
 
     def release(self, pending: list[Pending]) -> None:
-        """Acknowledge embeddings that will not be fetched (in the background)."""
-        by_replica: dict[str, tuple[Replica, list[str]]] = {}
+        """Acknowledge embeddings that will not be fetched (queued, never awaited here)."""
         for p in pending:
-            by_replica.setdefault(p.replica.target, (p.replica, []))[1].append(
-                p.descriptor.embedding_id
-            )
-        for replica, ids in by_replica.values():
-            task = asyncio.get_running_loop().create_task(_ack(replica, ids))
-            self._acks.add(task)
-            task.add_done_callback(self._acks.discard)
+            p.replica.client.ack_later([p.descriptor.embedding_id])
 
 
 def _succeeded(task: asyncio.Task[Pending]) -> bool:
     return task.done() and not task.cancelled() and task.exception() is None
-
-
-async def _ack(replica: Replica, ids: list[str]) -> None:
-    try:
-        await replica.client.ack(ids)
-    except grpc.aio.AioRpcError as err:  # the encoder frees them after their TTL anyway
-        log.debug("ack to %s failed: %s", replica.target, err.code().name)
 
 
 def _remaining(deadline: float) -> float:

@@ -11,15 +11,24 @@ the ``FetchEmbedding`` stream. It returns a tensor of the descriptor's dtype and
 importer's output device (CPU by default) or raises a ``TransportError`` (``status_name``
 UNAVAILABLE when the encoder or its pool is gone, DATA_LOSS for a stale, freed or out-of-pool slot
 and a cut or corrupt stream); it never returns partial or foreign bytes. Deadline and cancellation
-errors pass through as ``grpc.aio.AioRpcError``. ``ack`` releases embeddings (``fetch(...,
-ack=True)`` does both); the other RPC errors propagate as ``grpc.aio.AioRpcError``.
+errors pass through as ``grpc.aio.AioRpcError``. ``ack`` releases embeddings and waits for the
+reply (its RPC errors propagate as ``grpc.aio.AioRpcError``); ``ack_later`` and ``fetch(...,
+ack=True)`` (after a successful read) queue the ack instead and return at once: the reader has
+its tensor and does not wait a round trip for the encoder's answer. Queued acks of one event-loop
+turn leave as one Ack call per consumer; they are held until they finish (``drain_acks`` waits
+for them, ``close`` drains before closing the channel), and a failed one is logged and counted in
+``acks_failed`` (the encoder frees those embeddings when their TTL runs out).
+Stream replies are read from their wire bytes in place (``convert.chunk_from_wire``): the
+payload is copied once, into the destination tensor.
 Transfer mechanics (pools, chunk checks) live in ``encoder_service.transport``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -33,13 +42,19 @@ from encoder_service.transport import (
     EmbeddingImporter,
     EmbeddingLocation,
     ImporterConfig,
+    StreamCutError,
     TransportError,
     grpc_message_options,
 )
 from protos import encoder_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
+
 # Older name of the fetch failure; every transport failure is one.
 IncompleteEmbeddingError = TransportError
+
+ACK_TIMEOUT_S = 10.0  # a queued ack is not bound by its request's deadline
+_MAX_IDS_PER_ACK = 1024  # below the encoder's per-call limit (4096)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +73,95 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [*sizes, ("grpc.keepalive_time_ms", 30_000), ("grpc.keepalive_timeout_ms", 10_000)]
 
 
+def _read_chunk(raw: bytes) -> EmbeddingChunk | None:
+    """FetchEmbedding's reply deserializer; None marks a malformed message (see _ChunkStream)."""
+    try:
+        return convert.chunk_from_wire(raw)
+    except ValueError:
+        return None
+
+
 class _ChunkStream:
     """A FetchEmbedding call seen as transport chunks; ``cancel`` stops the call."""
 
-    def __init__(self, call: Any) -> None:
+    def __init__(self, call: Any, what: str) -> None:
         self._call = call
+        self._what = what
 
     def __aiter__(self) -> AsyncIterator[EmbeddingChunk]:
         return self._chunks()
 
     async def _chunks(self) -> AsyncIterator[EmbeddingChunk]:
-        async for msg in self._call:
-            yield convert.chunk_from_message(msg)
+        async for chunk in self._call:
+            if chunk is None:
+                raise StreamCutError(f"{self._what}: a stream message could not be parsed")
+            yield chunk
 
     def cancel(self) -> None:
         self._call.cancel()
+
+
+AckFn = Callable[[list[str], "str | None"], Awaitable[Any]]
+
+
+class _AckQueue:
+    """Acks sent without the caller waiting: coalesced per loop turn, held until they finish.
+
+    NOTE: asyncio keeps only weak references to tasks; ``_tasks`` holds each send until it ends,
+    so an ack can be lost only by its RPC failing (then the encoder's TTL frees the embedding).
+    """
+
+    def __init__(self, send: AckFn, target: str) -> None:
+        self._send = send
+        self._target = target
+        self._queued: dict[str | None, list[str]] = {}  # consumer -> ids not sent yet
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._flush: asyncio.Task[None] | None = None
+        self._in_flight = 0  # ids in Ack calls not answered yet
+        self.failed = 0  # ids whose Ack call failed
+
+    @property
+    def pending(self) -> int:
+        """Ids queued or in flight."""
+        return sum(len(ids) for ids in self._queued.values()) + self._in_flight
+
+    def put(self, ids: Sequence[str], consumer: str | None) -> None:
+        if not ids:
+            return
+        self._queued.setdefault(consumer, []).extend(ids)
+        if self._flush is None or self._flush.done():
+            self._flush = asyncio.get_running_loop().create_task(self._send_queued())
+            self._tasks.add(self._flush)
+            self._flush.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _send_queued(self) -> None:
+        await asyncio.sleep(0)  # acks queued during this loop turn join the same call
+        queued, self._queued, self._flush = self._queued, {}, None  # later ones: a new call
+        calls = [
+            (ids[i : i + _MAX_IDS_PER_ACK], consumer)
+            for consumer, ids in queued.items()
+            for i in range(0, len(ids), _MAX_IDS_PER_ACK)
+        ]
+        self._in_flight += sum(len(ids) for ids, _ in calls)
+        await asyncio.gather(*(self._send_one(ids, consumer) for ids, consumer in calls))
+
+    async def _send_one(self, ids: list[str], consumer: str | None) -> None:
+        try:
+            await self._send(ids, consumer)
+        except grpc.aio.AioRpcError as err:
+            self.failed += len(ids)
+            log.warning(
+                "ack of %d embeddings to %s failed (%s); the encoder frees them after their TTL",
+                len(ids),
+                self._target,
+                err.code().name,
+            )
+        finally:
+            self._in_flight -= len(ids)
 
 
 def _location(desc: EmbeddingDescriptor) -> EmbeddingLocation:
@@ -108,10 +197,29 @@ class EncoderClient:
             target, options=channel_options(max_message_bytes)
         )
         self._stub = pb_grpc.EncoderStub(self._channel)
+        # The stub's own FetchEmbedding parses each reply into a message and copies the payload
+        # out of it; this one reads the wire bytes in place.
+        self._fetch_stream = self._channel.unary_stream(
+            convert.FETCH_EMBEDDING_PATH,
+            request_serializer=convert.serialize,
+            response_deserializer=_read_chunk,
+        )
+        self._acks = _AckQueue(self._ack_call, target)
         self._owns_importer = importer is None
         self.importer = importer if importer is not None else EmbeddingImporter(ImporterConfig())
 
+    @property
+    def acks_failed(self) -> int:
+        """Embedding ids whose queued Ack call failed (the encoder frees them on its TTL)."""
+        return self._acks.failed
+
+    @property
+    def acks_pending(self) -> int:
+        """Embedding ids queued by ``ack_later`` or ``fetch(ack=True)`` whose call has not ended."""
+        return self._acks.pending
+
     async def close(self) -> None:
+        await self._acks.drain()  # closing the channel first would cancel the acks in flight
         await self._channel.close()
         if self._owns_importer:
             self.importer.close()
@@ -158,12 +266,27 @@ class EncoderClient:
 
         def stream(loc: EmbeddingLocation) -> _ChunkStream:
             request = convert.fetch_request(loc.embedding_id, chunk_bytes)
-            return _ChunkStream(self._stub.FetchEmbedding(request, timeout=timeout))
+            call = self._fetch_stream(request, timeout=timeout)
+            return _ChunkStream(call, f"embedding {loc.embedding_id}")
 
         tensor = await self.importer.fetch(location, stream)
         if ack:
-            await self.ack([desc.embedding_id], consumer=consumer, timeout=timeout)
+            # NOTE: queued, not awaited: the tensor is already ours and the encoder's reply
+            # changes nothing for this reader. A failed read is not acked here: the caller
+            # still owns that embedding and releases it (ack_later) when it gives up.
+            self.ack_later([desc.embedding_id], consumer=consumer)
         return tensor
+
+    def ack_later(self, embedding_ids: Sequence[str], consumer: str | None = None) -> None:
+        """Queue an ack and return at once (needs a running event loop); see ``drain_acks``."""
+        self._acks.put(list(embedding_ids), consumer)
+
+    async def drain_acks(self) -> None:
+        """Wait until every queued ack has been answered or has failed."""
+        await self._acks.drain()
+
+    async def _ack_call(self, embedding_ids: list[str], consumer: str | None) -> None:
+        await self.ack(embedding_ids, consumer=consumer, timeout=ACK_TIMEOUT_S)
 
     async def ack(
         self,

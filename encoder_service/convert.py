@@ -6,14 +6,18 @@ refusing malformed items with ``EncodeError(INVALID)`` that names the item, and
 ``EmbeddingLocation``s), ``chunk_message`` and ``ack_response`` build replies. Client side:
 ``encode_request``, ``descriptors_from_response``, ``location_from_message`` (raises the
 transport's ``DescriptorError`` for a location that contradicts itself), ``chunk_from_message``,
-``fetch_request`` and ``ack_request``. No I/O, no policy beyond field shape checks (limits that
-depend on the model are checked by the pipeline).
+``chunk_from_wire`` (the ``FetchEmbedding`` reply read straight from its wire bytes, payload not
+copied), ``fetch_request`` and ``ack_request``. No I/O, no policy beyond field shape checks
+(limits that depend on the model are checked by the pipeline).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from encoder_service.errors import invalid
 from encoder_service.items import (
@@ -212,6 +216,81 @@ def chunk_from_message(msg: pb.EmbeddingChunk) -> EmbeddingChunk:
         crc32=msg.crc32 if msg.HasField("crc32") else None,
         crc32c=msg.crc32c if msg.HasField("crc32c") else None,
     )
+
+
+# The FetchEmbedding method path, for a client that reads its replies with ``chunk_from_wire``.
+_ENCODER_SERVICE = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
+FETCH_EMBEDDING_PATH = f"/{_ENCODER_SERVICE}/FetchEmbedding"
+
+# EmbeddingChunk field numbers (protos/encoder.proto) and protobuf wire types.
+_OFFSET, _DATA, _TOTAL_BYTES, _CRC32, _CRC32C = 1, 2, 3, 4, 5
+_VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(raw) or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        byte = raw[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _int64(value: int) -> int:
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def chunk_from_wire(raw: bytes) -> EmbeddingChunk:
+    """A serialized ``EmbeddingChunk`` as the transport's chunk, ``data`` a read-only view of
+    ``raw`` (no copy: the assembler copies it once, into the destination tensor).
+
+    Same result as ``chunk_from_message(pb.EmbeddingChunk.FromString(raw))``, which copies a
+    multi-MiB payload twice (into the message, then out of it as ``bytes``); unknown fields are
+    skipped and a repeated field keeps its last value, as protobuf does. Raises ValueError on
+    input that is not a well-formed message.
+    """
+    fields: dict[int, int] = {}
+    data_at, data_len = 0, 0
+    pos, end = 0, len(raw)
+    while pos < end:
+        tag, pos = _varint(raw, pos)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise ValueError("field number 0")
+        if wire == _VARINT:
+            fields[number], pos = _varint(raw, pos)
+        elif wire == _LEN:
+            length, pos = _varint(raw, pos)
+            if pos + length > end:
+                raise ValueError("length-delimited field runs past the message")
+            if number == _DATA:
+                data_at, data_len = pos, length
+            pos += length
+        elif wire in (_FIXED64, _FIXED32):
+            pos += 8 if wire == _FIXED64 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > end:
+            raise ValueError("field runs past the message")
+    data = np.frombuffer(raw, dtype=np.uint8, count=data_len, offset=data_at)
+    crc32, crc32c = fields.get(_CRC32), fields.get(_CRC32C)
+    return EmbeddingChunk(
+        offset=_int64(fields.get(_OFFSET, 0)),
+        data=data,
+        total_bytes=_int64(fields.get(_TOTAL_BYTES, 0)),
+        crc32=crc32 & 0xFFFFFFFF if crc32 is not None else None,
+        crc32c=crc32c & 0xFFFFFFFF if crc32c is not None else None,
+    )
+
+
+def serialize(message: Any) -> bytes:
+    """Request serializer of a hand-built call (``FETCH_EMBEDDING_PATH``)."""
+    return message.SerializeToString()
 
 
 def fetch_request(embedding_id: str, chunk_bytes: int = 0) -> pb.FetchEmbeddingRequest:

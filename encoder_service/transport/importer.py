@@ -208,7 +208,7 @@ class EmbeddingImporter:
         self.close()
 
 
-def _from_bytes(buf: bytearray, loc: EmbeddingLocation) -> torch.Tensor:  # -> [T, H] on CPU
+def _from_bytes(buf: memoryview, loc: EmbeddingLocation) -> torch.Tensor:  # -> [T, H] on CPU
     if loc.nbytes == 0:
         return torch.empty(loc.shape, dtype=loc.torch_dtype)
     return torch.frombuffer(buf, dtype=torch.uint8).view(loc.torch_dtype).reshape(loc.shape)

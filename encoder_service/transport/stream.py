@@ -8,9 +8,9 @@ holds more than one chunk beyond what the transport buffered.
 
 Consumer: ``assemble`` reads chunks (an async or sync iterable of anything with ``offset``,
 ``data``, ``total_bytes`` and optionally ``crc32c`` / ``crc32``, so generated proto messages work
-as they are)
-and checks that offsets are contiguous, totals agree, checksums match and the stream did not end
-early. Any violation is a ``StreamCutError`` (DATA_LOSS). A gRPC error in the middle of a stream is
+as they are; ``data`` may be ``bytes`` or a read-only uint8 array viewing the received message,
+see ``convert.chunk_from_wire``) into one uninitialized buffer, one copy per chunk, and checks
+that offsets are contiguous, totals agree, checksums match and the stream did not end early. Any violation is a ``StreamCutError`` (DATA_LOSS). A gRPC error in the middle of a stream is
 a cut too; before the first chunk it means the producer is unreachable (UNAVAILABLE) or the item
 is gone (DATA_LOSS); deadline and cancellation errors pass through untouched.
 
@@ -29,6 +29,7 @@ from typing import Any
 
 import google_crc32c
 import grpc
+import numpy as np
 
 from encoder_service.transport.errors import PoolUnavailableError, StaleSlotError, StreamCutError
 
@@ -44,7 +45,7 @@ _STREAM_WINDOW = 64 << 20
 @dataclass(frozen=True)
 class EmbeddingChunk:
     offset: int  # byte offset of data in the item
-    data: bytes
+    data: bytes | np.ndarray  # the chunk's bytes; [n] uint8 when read from the wire in place
     total_bytes: int  # the item's size; lets the reader detect a cut stream
     crc32: int | None = None  # zlib CRC-32 of data, from older producers; verified when present
     crc32c: int | None = None  # CRC-32C of data; None when the producer sends no checksum
@@ -91,13 +92,16 @@ class ChunkAssembler:
     """Accumulates chunks of one item into a preallocated buffer, validating as it goes."""
 
     def __init__(self, total_bytes: int, what: str = "embedding") -> None:
-        self.buffer = bytearray(total_bytes)
+        # NOTE: uninitialized on purpose (bytearray(n) zero-fills 12.5 MiB first, ~0.6 ms): the
+        # contiguity checks guarantee every byte is written before ``finish`` hands it out.
+        self.buffer = np.empty(total_bytes, dtype=np.uint8)  # [total_bytes] u8
         self.filled = 0
         self._total = total_bytes
         self._what = what
 
     def add(self, chunk: Any) -> None:
-        offset, data, total = int(chunk.offset), chunk.data, int(chunk.total_bytes)
+        offset, total = int(chunk.offset), int(chunk.total_bytes)
+        data = np.frombuffer(chunk.data, dtype=np.uint8)  # a view, never a copy
         crc32c, crc32 = getattr(chunk, "crc32c", None), getattr(chunk, "crc32", None)
         if total != self._total:
             raise StreamCutError(
@@ -119,12 +123,13 @@ class ChunkAssembler:
         self.buffer[offset:end] = data
         self.filled = end
 
-    def finish(self) -> bytearray:
+    def finish(self) -> memoryview:
+        """The whole item (a writable byte view of the buffer, for ``torch.frombuffer``)."""
         if self.filled != self._total:
             raise StreamCutError(
                 f"{self._what}: stream ended after {self.filled} of {self._total} bytes"
             )
-        return self.buffer
+        return memoryview(self.buffer)
 
 
 def _rpc_error(e: grpc.RpcError, assembler: ChunkAssembler) -> Exception:
@@ -146,7 +151,7 @@ def _rpc_error(e: grpc.RpcError, assembler: ChunkAssembler) -> Exception:
 
 async def assemble(
     chunks: AsyncIterable[Any] | Iterable[Any], total_bytes: int, what: str = "embedding"
-) -> bytearray:
+) -> memoryview:
     """Read a whole chunk stream into one buffer; raises StreamCutError if anything is off."""
     assembler = ChunkAssembler(total_bytes, what)
     done = False
