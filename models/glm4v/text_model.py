@@ -133,8 +133,8 @@ class Glm4vMoeSparseBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
-        routed = self.experts(x, self.gate(x))  # float32 partial (with the slotted shared)
-        out = routed.to(x.dtype)
+        # partial sum (the slotted shared expert included), rounded once to x's dtype
+        out = self.experts(x, self.gate(x), out_dtype=x.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         # one all-reduce for routed and shared partial sums

@@ -7,7 +7,9 @@ Contract:
   then the *unbiased* scores of the chosen experts renormalised (+1e-20) and scaled: on CUDA
   the Triton kernel of ``kernels/moe_routing.py`` unless ``kernels.dispatch`` says no, else that
   module's torch reference.
-- ``FusedMoE(x, router_out) -> [T, H]`` float32 *partial* sum of the routed experts held by this
+- ``FusedMoE(x, router_out, out_dtype=float32) -> [T, H]`` *partial* sum (float32 sums rounded
+  once to ``out_dtype``; on the fused path one combine kernel adds the k slots and rounds) of the
+  routed experts held by this
   rank, and of the shared experts when it holds them (``num_shared``: each shared expert of
   width I is one more stacked slot ``E + j`` that every token visits with weight 1, so it runs
   inside the same expert kernels; only without expert parallelism, where every rank keeps its
@@ -172,8 +174,11 @@ class FusedMoE(nn.Module):
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
-    def forward(self, x: torch.Tensor, route: RouterOutput) -> torch.Tensor:
-        """x [T, H] -> [T, H] float32 partial sum over the experts/slices this rank holds."""
+    def forward(
+        self, x: torch.Tensor, route: RouterOutput, out_dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """x [T, H] -> [T, H] partial sum over the experts/slices this rank holds, accumulated
+        in float32 and rounded once to ``out_dtype``."""
         # under EP some slots belong to other ranks; with all experts local none can
         foreign = self.expert_parallel and self.world > 1
         if self._bounds is None or self._bounds.device != x.device:
@@ -190,6 +195,7 @@ class FusedMoE(nn.Module):
             bounds=self._bounds,
             w13_scale=self.w13_weight_scale,
             w2_scale=self.w2_weight_scale,
+            out_dtype=out_dtype,
         )
 
     def _with_shared(self, route: RouterOutput) -> RouterOutput:
@@ -223,7 +229,8 @@ def experts_grouped(
     w13_scale: torch.Tensor | None = None,  # [E_local, 2I, 1] float32 when w13 is FP8
     w2_scale: torch.Tensor | None = None,  # [E_local, H, 1] float32 when w2 is FP8
     use_triton: bool | None = None,  # None = decode-sized CUDA bf16/fp16; False = grouped
-) -> torch.Tensor:  # [T, H] float32
+    out_dtype: torch.dtype = torch.float32,  # the float32 sums rounded once to this dtype
+) -> torch.Tensor:  # [T, H] out_dtype
     """Decode-sized batches: the fused Triton kernels. Otherwise sort the (token, k) slots by
     expert once, run both expert GEMMs as grouped GEMMs over contiguous row blocks, then weight
     and scatter-add back with one ``index_add_``.
@@ -235,7 +242,7 @@ def experts_grouped(
     t, k = route.ids.shape
     e_local = w13.shape[0]
     if t == 0:
-        return torch.zeros(0, x.shape[-1], dtype=torch.float32, device=x.device)
+        return torch.zeros(0, x.shape[-1], dtype=out_dtype, device=x.device)
     if bounds is None:
         bounds = _expert_bounds(e_local, x.device)
     if use_triton is None:
@@ -243,7 +250,7 @@ def experts_grouped(
     if use_triton:
         return fused_moe.fused_experts(
             x, w13, w2, route.weights, route.ids, expert_start, foreign_slots, edges=bounds,
-            w13_scale=w13_scale, w2_scale=w2_scale,
+            w13_scale=w13_scale, w2_scale=w2_scale, out_dtype=out_dtype,
         )  # fmt: skip
     out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
     local = route.ids.reshape(-1) - expert_start  # [T*K]
@@ -260,7 +267,7 @@ def experts_grouped(
         # rows past offs[-1] are unspecified (may hold NaN), so select rather than scale
         y = torch.where((keys < e_local)[:, None], y, 0.0)
     out.index_add_(0, tokens, y)
-    return out
+    return out.to(out_dtype)
 
 
 def _triton_path(

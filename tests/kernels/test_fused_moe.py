@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from triton_interpreter import DEVICE, INTERPRETED, interpreter_test, kernel_case
 
-from kernels import dispatch, fused_moe
+from kernels import dispatch, fused_moe, moe_align
 from models.layers.moe import RouterOutput, experts_grouped, experts_reference
 
 pytest.importorskip("triton")
@@ -95,7 +95,7 @@ def _assert_matches(got, x, w13, w2, route, expert_start=0) -> None:
 def _check_alignment(aligned, ids, e: int, expert_start: int = 0) -> None:
     slots, bm = ids.numel(), fused_moe.BLOCK_M
     rows = aligned.sorted_slot_ids.tolist()
-    assert len(rows) == fused_moe.max_padded_rows(slots, e) and len(rows) % bm == 0
+    assert len(rows) == moe_align.max_padded_rows(slots, e) and len(rows) % bm == 0
     assert (
         aligned.block_expert.dtype == torch.int32 and len(aligned.block_expert) == len(rows) // bm
     )
@@ -119,24 +119,24 @@ def _check_alignment(aligned, ids, e: int, expert_start: int = 0) -> None:
 @pytest.mark.parametrize(("t", "k", "e"), [(1, 2, 8), (3, 4, 8), (17, 4, 8), (40, 8, 128)])
 def test_alignment_pads_each_expert_group_with_sentinels(t: int, k: int, e: int) -> None:
     route = _route(t, k, e, seed=t)
-    _check_alignment(fused_moe.align_slots(route.ids, e, foreign_slots=False), route.ids, e)
+    _check_alignment(moe_align.align_slots(route.ids, e, foreign_slots=False), route.ids, e)
 
 
 def test_alignment_drops_other_ranks_experts_and_reuses_edges() -> None:
     route = _route(17, 4, 16, seed=3)
     edges = torch.arange(5)
     for start in (0, 4, 12):  # ids below, above and on both sides of this rank's four experts
-        aligned = fused_moe.align_slots(route.ids, 4, start, foreign_slots=True, edges=edges)
+        aligned = moe_align.align_slots(route.ids, 4, start, foreign_slots=True, edges=edges)
         _check_alignment(aligned, route.ids, 4, start)
-    nobody = fused_moe.align_slots(route.ids, 2, 14, foreign_slots=True)  # experts 14, 15 empty
+    nobody = moe_align.align_slots(route.ids, 2, 14, foreign_slots=True)  # experts 14, 15 empty
     assert int(nobody.num_padded.item()) == 0
     assert (nobody.sorted_slot_ids == route.ids.numel()).all()
 
 
 def test_max_padded_rows_is_a_bound_from_shapes() -> None:
-    assert fused_moe.max_padded_rows(8, 128) == 8 + 8 * 15  # each slot on its own expert
-    assert fused_moe.max_padded_rows(4096, 128) == 4096 + 128 * 15
-    assert fused_moe.max_padded_rows(3, 2) == 48  # 3 + 2 * 15 = 33, rounded up
+    assert moe_align.max_padded_rows(8, 128) == 8 + 8 * 15  # each slot on its own expert
+    assert moe_align.max_padded_rows(4096, 128) == 4096 + 128 * 15
+    assert moe_align.max_padded_rows(3, 2) == 48  # 3 + 2 * 15 = 33, rounded up
 
 
 @kernel_case
@@ -157,6 +157,19 @@ def test_fused_experts_match_the_per_expert_loop(dtype: torch.dtype, t: int, k: 
     for foreign in (False, True):
         got = fused_moe.fused_experts(x, w13, w2, route.weights, route.ids, foreign_slots=foreign)
         _assert_matches(got, x, w13, w2, route)
+
+
+@kernel_case
+@pytest.mark.parametrize(("t", "k", "hidden"), [(1, 9, HIDDEN), (6, 3, 80)])
+def test_combine_rounds_the_float32_sum_once(t: int, k: int, hidden: int) -> None:
+    # the k slots are added in float32 and rounded to out_dtype in one kernel
+    x, w13, w2 = _inputs(t, E, hidden, INTER, torch.float16, seed=t * k)
+    route = _route(t, k, E, seed=t + k, device=DEVICE)
+    f32 = fused_moe.fused_experts(x, w13, w2, route.weights, route.ids)
+    half = fused_moe.fused_experts(x, w13, w2, route.weights, route.ids, out_dtype=torch.float16)
+    assert f32.dtype == torch.float32 and half.dtype == torch.float16
+    torch.testing.assert_close(half, f32.half(), rtol=1e-3, atol=1e-4)
+    assert f32.abs().max() > 0.1
 
 
 @kernel_case

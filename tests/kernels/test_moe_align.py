@@ -1,4 +1,4 @@
-"""The one-launch Triton slot alignment of ``kernels/fused_moe.py`` against the torch one.
+"""The one-launch Triton slot alignment (``kernels/moe_align.py``) against the torch one.
 
 ``align_slots_triton`` must give exactly ``align_slots``'s three outputs (slot order within an
 expert included: the combine adds slots in that order), so every case compares them with
@@ -15,7 +15,7 @@ import pytest
 import torch
 from triton_interpreter import DEVICE, interpreter_test, kernel_case
 
-from kernels import fused_moe
+from kernels import fused_moe, moe_align
 
 pytest.importorskip("triton")
 
@@ -30,9 +30,9 @@ def _ids(t: int, k: int, low: int, high: int, seed: int, device: str = DEVICE) -
 
 def _assert_same_alignment(
     ids: torch.Tensor, e: int, start: int, block_m: int, foreign: bool = True
-) -> fused_moe.AlignedSlots:
-    got = fused_moe.align_slots_triton(ids, e, start, block_m)
-    want = fused_moe.align_slots(ids, e, start, foreign, block_m=block_m)
+) -> moe_align.AlignedSlots:
+    got = moe_align.align_slots_triton(ids, e, start, block_m)
+    want = moe_align.align_slots(ids, e, start, foreign, block_m=block_m)
     for name, a, b in zip(want._fields, got, want, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape, name
         assert torch.equal(a, b), f"{name}: {a.tolist()} != {b.tolist()}"
@@ -118,13 +118,13 @@ def test_decode_batches_take_the_triton_alignment(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.gpu
 def test_alignment_replays_in_a_cuda_graph() -> None:
     ids = _ids(32, 8, 0, 128, seed=3, device="cuda")
-    fused_moe.align_slots_triton(ids, 128)  # compile outside the capture
+    moe_align.align_slots_triton(ids, 128)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        captured = fused_moe.align_slots_triton(ids, 128)
+        captured = moe_align.align_slots_triton(ids, 128)
     for seed in (4, 5):  # fresh routings through the same graph
         ids.copy_(_ids(32, 8, 0, 128, seed=seed, device="cuda"))
         graph.replay()
-        want = fused_moe.align_slots(ids, 128, foreign_slots=False)
+        want = moe_align.align_slots(ids, 128, foreign_slots=False)
         for a, b in zip(captured, want, strict=True):
             assert torch.equal(a, b)
