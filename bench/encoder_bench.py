@@ -56,8 +56,8 @@ def profile_forward(name: str, fn, batch: int, top: int) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    busy, rows = kernel_table(prof, 1, top)
-    print(f"== {name}, batch {batch}: GPU busy {busy:.1f} ms per forward")
+    busy, launches, rows = kernel_table(prof, 1, top)
+    print(f"== {name}, batch {batch}: GPU busy {busy:.1f} ms, {launches:.0f} kernels per forward")
     for kernel, us, n in rows:
         print(f"{us / 1e3:>9.2f} ms {n:>6.0f}x  {kernel[:100]}")
 

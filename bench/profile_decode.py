@@ -39,8 +39,9 @@ from models.glm4v.loader import load_model
 WARMUP_STEPS = 5
 
 
-def kernel_table(prof, steps: int, top: int) -> tuple[float, list[tuple[str, float, float]]]:
-    """(busy ms per step, [(kernel, us per step, launches per step)]) from device events."""
+def kernel_table(prof, steps: int, top: int) -> tuple[float, float, list[tuple[str, float, float]]]:
+    """(busy ms per step, kernels per step, [(kernel, us per step, launches per step)]) from
+    device events."""
     totals: dict[str, list[float]] = {}
     for evt in prof.events():
         if evt.device_type != torch.autograd.DeviceType.CUDA:
@@ -49,8 +50,9 @@ def kernel_table(prof, steps: int, top: int) -> tuple[float, list[tuple[str, flo
         slot[0] += evt.device_time
         slot[1] += 1
     busy = sum(v[0] for v in totals.values()) / steps / 1e3
+    launches = sum(v[1] for v in totals.values()) / steps
     rows = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-    return busy, [(name, t / steps, n / steps) for name, (t, n) in rows]
+    return busy, launches, [(name, t / steps, n / steps) for name, (t, n) in rows]
 
 
 def main() -> int:
@@ -112,11 +114,14 @@ def main() -> int:
                 engine.step()
             sync()
             wall = (time.perf_counter() - start) / a.steps * 1e3
-        busy, rows = kernel_table(prof, a.steps, a.top)
+        busy, launches, rows = kernel_table(prof, a.steps, a.top)
         for rid in list(engine.scheduler.requests):
             engine.abort_request(rid)
         engine.step()
-        print(f"\n== batch {batch}: wall {wall:.3f} ms/step (profiled), GPU busy {busy:.3f} ms")
+        print(
+            f"\n== batch {batch}: wall {wall:.3f} ms/step (profiled), GPU busy {busy:.3f} ms, "
+            f"{launches:.0f} kernels/step"
+        )
         print(f"{'us/step':>9} {'n/step':>7}  kernel")
         for name, us, n in rows:
             print(f"{us:>9.1f} {n:>7.1f}  {name[:110]}")
