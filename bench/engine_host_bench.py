@@ -2,7 +2,7 @@
 
 ``python -m bench.engine_host_bench [--batch-sizes 1,32,128,256] [--prompt-len 1000]
 [--image-tokens 256] [--output-len 128] [--mixed-running 128] [--loop-batch 128]
-[--loop-device-ms 15] [--profile 128] [--skip-loop]``
+[--loop-device-ms 15] [--profile 128] [--skip-loop] [--clock wall|thread] [--detok bytes|decode]``
 
 The real ``LLMEngine`` runs on the CPU with the model replaced by ``StubModel``: it returns
 correctly shaped hidden states and logits at once (the next token is a hash of the input token
@@ -10,7 +10,9 @@ and its position, so outputs vary and detokenising does real work), so every mil
 measured is the engine's own host work. Requests: ``--prompt-len``-token prompts of random text
 tokens with a ``--image-tokens`` image placeholder span (embeddings given, 3-D positions and a
 rope delta like a real image prompt), greedy, ``ignore_eos``, ``--output-len`` tokens each,
-detokenised with the tiny checkpoint's tokenizer. Cases:
+detokenised with the tiny checkpoint's tokenizer: from its per-id byte table, as the engine does
+for a ByteLevel decoder (``--detok bytes``), or by ``tokenizer.decode`` windows (``--detok decode``,
+the path any other decoder takes), to compare the two in one tree. Cases:
 
 - decode at each batch size: the batch is admitted and prefilled, then every decode step until
   the last request finishes is timed (the last step builds the finishing outputs too);
@@ -147,7 +149,7 @@ class PhaseTimer:
 
 
 def build_engine(
-    ckpt: Path, model_config: ModelConfig, max_running: int, max_len: int, freeze: bool
+    ckpt: Path, model_config: ModelConfig, max_running: int, max_len: int, freeze: bool, detok: str
 ):
     config = EngineConfig(
         cache=CacheConfig(num_blocks=max_running * (max_len // 16 + 2)),
@@ -158,6 +160,8 @@ def build_engine(
     tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
     model = StubModel(model_config.text.vocab_size)
     engine = LLMEngine(model, model_config, config, tok)
+    if detok == "decode":  # as for a tokenizer without a ByteLevel decoder
+        engine._token_bytes = None
     if freeze:  # as the decoder server does once warm (server.py)
         gc.collect()
         gc.freeze()
@@ -329,6 +333,12 @@ def main() -> int:
         help="phase clock: wall (perf_counter) or thread (CPU time of the engine thread, blind "
         "to other processes on a shared machine)",
     )
+    parser.add_argument(
+        "--detok",
+        choices=("bytes", "decode"),
+        default="bytes",
+        help="detokenise from the byte table (the engine's choice here) or by tokenizer.decode",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="decode runs per batch size")
     parser.add_argument("--profile", type=int, default=0, help="cProfile the decode at batch B")
     args = parser.parse_args()
@@ -342,7 +352,9 @@ def main() -> int:
         model_config = load_model_config(ckpt)
         work = Workload(model_config, args)
         for b in sizes:
-            engine, _ = build_engine(ckpt, model_config, max(b, 1), max_len, args.gc_freeze)
+            engine, _ = build_engine(
+                ckpt, model_config, max(b, 1), max_len, args.gc_freeze, args.detok
+            )
             prof = cProfile.Profile() if args.profile == b else None
             steps = []
             for _ in range(args.repeats):
@@ -353,14 +365,16 @@ def main() -> int:
                 for sort in ("tottime", "cumtime"):
                     pstats.Stats(prof).sort_stats(sort).print_stats(30)
         r = args.mixed_running
-        engine, _ = build_engine(ckpt, model_config, 2 * r, max_len, args.gc_freeze)
+        engine, _ = build_engine(ckpt, model_config, 2 * r, max_len, args.gc_freeze, args.detok)
         rows += phase_rows(
             f"mixed {r}+1/step", run_mixed(engine, work, r, 1, args.mixed_steps, clock)
         )
         rows += phase_rows(f"burst {r}+64", run_mixed(engine, work, r, 0, 0, clock))
         loop_rows = []
         if not args.skip_loop:
-            engine, tok = build_engine(ckpt, model_config, args.loop_batch, max_len, args.gc_freeze)
+            engine, tok = build_engine(
+                ckpt, model_config, args.loop_batch, max_len, args.gc_freeze, args.detok
+            )
             if args.switch_interval is not None:
                 sys.setswitchinterval(args.switch_interval)
             res = run_loop(engine, tok, work, args.loop_batch, args.loop_device_ms)
@@ -377,7 +391,7 @@ def main() -> int:
                 f"emulated device time"
             )
     print(
-        f"\nengine host ms per step (CPU, torch threads 1, {args.clock} clock); prompts {args.prompt_len} tokens "
+        f"\nengine host ms per step (CPU, torch threads 1, {args.clock} clock, {args.detok} detok); prompts {args.prompt_len} tokens "
         f"({args.image_tokens} image), {args.output_len} output tokens, greedy, ignore_eos, "
         "detokenised"
     )

@@ -31,7 +31,7 @@ import torch
 
 from decoder_service.engine.config import CPU_DEFAULT_NUM_BLOCKS, EngineConfig
 from decoder_service.engine.cuda_graphs import DecodeSettings, decode_settings
-from decoder_service.engine.detokenizer import IncrementalDetokenizer
+from decoder_service.engine.detokenizer import IncrementalDetokenizer, TokenBytes
 from decoder_service.engine.errors import (
     DuplicateRequestError,
     MediaSpanError,
@@ -159,6 +159,8 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         # decodes of single token ids, per skip_special_tokens setting, shared by every request
         self._single_texts: dict[bool, dict[int, str]] = {True: {}, False: {}}
+        # a ByteLevel tokenizer's per-id bytes, shared too: detokenising without decode calls
+        self._token_bytes = None if tokenizer is None else TokenBytes.of(tokenizer)
         self._aborted: list[Request] = []
         self._in_flight: _InFlight | None = None  # the step launched ahead (overlap_outputs)
         self.idle = False
@@ -210,7 +212,7 @@ class LLMEngine:
         if self.tokenizer is not None:
             skip = params.skip_special_tokens
             self._detok[request_id] = IncrementalDetokenizer(
-                self.tokenizer, skip, params.stop, self._single_texts[skip]
+                self.tokenizer, skip, params.stop, self._single_texts[skip], self._token_bytes
             )
         self.scheduler.add_request(request)
         return request
