@@ -12,21 +12,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-
-def _byte_level_alphabet() -> dict[str, int]:
-    """Inverse of the byte-level BPE byte -> printable character table."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-    chars = list(printable)
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
-_FROM_SYMBOL = _byte_level_alphabet()
+from decoder_service.engine.detokenizer import byte_level_bytes
 
 
 class TokenText:
@@ -43,6 +29,6 @@ class TokenText:
         symbol = self._tok.id_to_token(token_id)
         if symbol is None:
             return b""
-        if token_id in self._added or any(ch not in _FROM_SYMBOL for ch in symbol):
+        if token_id in self._added:
             return self._text(token_id).encode("utf-8")
-        return bytes(_FROM_SYMBOL[ch] for ch in symbol)
+        return byte_level_bytes(symbol)  # the token's own UTF-8 outside the byte alphabet

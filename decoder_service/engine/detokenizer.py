@@ -66,7 +66,7 @@ def _byte_level_translation() -> dict[int, int]:
 _BYTE_LEVEL = _byte_level_translation()
 
 
-def _byte_level_bytes(token: str) -> bytes:
+def byte_level_bytes(token: str) -> bytes:
     """What the ByteLevel decoder makes of one token: its characters mapped back to bytes, or
     the token's own UTF-8 when any character is outside the byte alphabet."""
     try:
@@ -101,7 +101,7 @@ class TokenBytes:
     def fill(self, token_id: int, skip: bool) -> bytes:
         """Look ``token_id`` up (an unknown id is nothing, as decode skips it) and keep it."""
         token = self._tok.id_to_token(token_id)  # OverflowError for non-u32 ids, like decode
-        kept = b"" if token is None else _byte_level_bytes(token)
+        kept = b"" if token is None else byte_level_bytes(token)
         skipped = b"" if token in self._special else kept
         self.kept[token_id], self.skipped[token_id] = kept, skipped
         return skipped if skip else kept
