@@ -23,6 +23,10 @@ for bit; the caches must have ``qkv``'s dtype.
 
 Kernel: a program per (token, block of heads) loads the token's cos / sin once and rotates its
 heads; the grid comes from the shapes only and nothing is read on the host (CUDA-graph safe).
+The rounded variants launch with ``enable_fp_fusion=False``: with contraction on, the compiler
+narrows each rounded product to a half-precision multiply and folds one product of every pair into
+an FMA (``fma(x1, cos, -round(x2*sin))``), skipping a rounding torch does (about a quarter of the
+outputs then differ by one ulp; Triton's interpreter never fuses, so only a GPU shows it).
 Needs Triton; on CPU it runs only under ``TRITON_INTERPRET=1`` (what the tests use).
 
 What does not belong here: computing cos / sin or positions (``models/layers/rotary.py``).
@@ -173,7 +177,7 @@ def rotary_cache_(
         num_q_heads, hk, half, rotary_dim, d,
         BLOCK_H=block_h, HALF_PAD=triton.next_power_of_2(half),
         REST_PAD=triton.next_power_of_2(max(d - rotary_dim, 1)),
-        num_warps=2 if d <= 64 else 4,
+        num_warps=2 if d <= 64 else 4, enable_fp_fusion=False,  # round every product (see above)
     )  # fmt: skip
 
 
@@ -198,6 +202,7 @@ def _launch(x, cos, sin, rotary_dim: int, f32: bool) -> None:
         h, half,
         BLOCK_H=block_h, HALF_PAD=triton.next_power_of_2(half), ROUND_EACH=not f32,
         num_warps=2 if half <= 32 else 4,
+        enable_fp_fusion=f32,  # the rounded variant must round every product (see above)
     )  # fmt: skip
 
 

@@ -238,3 +238,77 @@ def test_attention_prologue_equals_rotating_then_writing_the_cache(monkeypatch) 
         outs.append(layer(q, k, v, meta, cache_written=fused))
     assert torch.equal(layers[0].kv_cache, layers[1].kv_cache)
     assert torch.equal(outs[0], outs[1])
+
+
+class _Recorder:
+    """Stands in for a kernel: records each launch's arguments instead of running it."""
+
+    def __init__(self) -> None:
+        self.launches: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((args, kwargs))
+
+
+_TL_TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int64: "i64",
+}
+
+
+def _sm90_ptx(fn, args: tuple, kwargs: dict) -> str:
+    """PTX of ``fn`` compiled for sm_90 (no GPU needed) with one recorded launch's argument
+    types, constexprs and options."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    jit = fn if isinstance(fn, JITFunction) else JITFunction(fn.fn)  # the interpreter's wrapper
+    signature, constexprs = {}, {}
+    for name, arg in zip(jit.arg_names, args, strict=False):
+        if isinstance(arg, torch.Tensor):
+            signature[name] = "*" + _TL_TYPES[arg.dtype]
+        else:
+            signature[name] = "i32"
+    for name in jit.arg_names[len(args) :]:
+        signature[name] = "constexpr"
+        constexprs[name] = kwargs[name]
+    options = {k: v for k, v in kwargs.items() if k not in constexprs}
+    src = ASTSource(jit, signature, constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rounded_variants_compile_without_fma(dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bit for bit with torch needs every product rounded before the sum. Compiled with FP
+    contraction (Triton's default) ``x1*cos - round(x2*sin)`` becomes one FMA and about a quarter
+    of the outputs move by an ulp; the interpreter never fuses, so this compiles the launches
+    the wrappers make for sm_90 (GLM-4.5V's decoder layout) and reads the PTX."""
+    import re
+
+    from triton.backends import backends
+
+    from kernels import rotary
+
+    if "nvidia" not in backends:
+        pytest.skip("Triton's CUDA backend is not installed")
+    recorders = {name: _Recorder() for name in ("_rotary_kernel", "_rotary_cache_kernel")}
+    real = {name: getattr(rotary, name) for name in recorders}
+    for name, rec in recorders.items():
+        monkeypatch.setattr(rotary, name, rec)
+    t, hq, hk, d = 2, 96, 8, 128
+    qkv = torch.zeros(t, hq + 2 * hk, d, dtype=dtype)
+    cos = torch.zeros(t, 1, 32, dtype=dtype)
+    cache = torch.zeros(2, 4, 16, hk, d, dtype=dtype)
+    k_cache, v_cache = cache[0].view(-1, hk, d), cache[1].view(-1, hk, d)
+    rotary.rotary_(qkv[:, : hq + hk], cos, cos, 64)
+    rotary.rotary_cache_(qkv, hq, cos, cos, 64, k_cache, v_cache, torch.arange(t))
+    for name, rec in recorders.items():
+        ((args, kwargs),) = rec.launches
+        ptx = _sm90_ptx(real[name], args, kwargs)
+        assert re.search(r"\bmul\.rn\.(bf16|f16|f32)\b", ptx), f"{name}: no rounded multiply"
+        fused = re.findall(r"\bfma\.rn\.(?:bf16|f16|f32)\b", ptx)
+        assert not fused, f"{name} ({dtype}): products folded into {len(fused)} FMAs"
