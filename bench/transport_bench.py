@@ -8,10 +8,13 @@ Moves one embedding of ``--rows`` x ``--hidden`` bf16 (default 1600 x 4096: one 
     cuda_ipc           GPU producer -> GPU consumer, the producer's pool opened once by IPC
     grpc_stream(cuda)  GPU producer -> GPU consumer forced through the stream (the cross-host cost)
 
-The producer serves the encoder's own gRPC methods (``Encode``, ``FetchEmbedding``, ``Ack``; its
-``Encode`` skips the vision tower and stores a fixed tensor through ``EmbeddingExporter.put``,
-which copies it into the pool) with the encoder's proto conversion and channel options, and the
-consumer is the decoder's own ``EncoderClient``. Columns, all p50 except where named:
+The producer runs the encoder's own servicer (``EncoderServicer``: ``Encode``, ``FetchEmbedding``,
+``Ack``, registered by ``add_encoder_servicer`` as the encoder server does) over an
+``EmbeddingStore``, with the server's message options; only the pipeline is a stand-in that
+returns a fixed tensor without the vision tower (``Encode`` still copies it into the pool). The
+consumer is the decoder's own ``EncoderClient``. ``--producer-env K=V`` sets environment
+variables (e.g. glibc malloc tunables) for the producer process only. Columns, all p50 except
+where named:
 
     fetch ms / GB/s    ``EncoderClient.fetch``: descriptor in hand -> tensor on the consumer's
                        device (synchronized); p90 and mean beside it
@@ -46,21 +49,14 @@ from typing import Any
 import grpc
 import torch
 
-from encoder_service import convert
 from encoder_service.client import EncoderClient, channel_options
-from encoder_service.config import ServerLimits
+from encoder_service.config import MIB, EncoderConfig, ServerLimits
 from encoder_service.items import EncodedItem, MediaItem, Modality
-from encoder_service.transport import (
-    EmbeddingExporter,
-    EmbeddingImporter,
-    ExporterConfig,
-    ImporterConfig,
-    TransportError,
-    grpc_message_options,
-    grpc_status,
-)
-from protos import encoder_pb2 as pb
-from protos import encoder_pb2_grpc as pb_grpc
+from encoder_service.metrics import EncoderMetrics
+from encoder_service.server import message_options
+from encoder_service.servicer import EncoderServicer, add_encoder_servicer
+from encoder_service.store import EmbeddingStore
+from encoder_service.transport import EmbeddingImporter, ExporterConfig, ImporterConfig
 
 EMPTY_METHOD = "/glimpse.bench.Transport/Empty"
 _ITEM = MediaItem(index=0, modality=Modality.IMAGE, data=b"bench")  # Encode ignores it
@@ -71,34 +67,15 @@ _PATH_KINDS = {"pool": None, "grpc_stream": "grpc_stream"}
 # -- producer process -----------------------------------------------------------------------
 
 
-class _BenchEncoder(pb_grpc.EncoderServicer):
-    """The encoder's RPC surface over one exporter, without the vision tower."""
+class _FixedPipeline:
+    """Stands in for ``EncodePipeline``: every Encode yields the same tensor, no vision tower."""
 
-    def __init__(self, exporter: EmbeddingExporter, tensor: torch.Tensor) -> None:
-        self._exporter = exporter
-        self._tensor = tensor  # [rows, hidden] bf16 on the exporter's device
+    def __init__(self, tensor: torch.Tensor) -> None:  # [rows, hidden] bf16 on the store's device
         t, h, w = 1, 2 * tensor.shape[0], 2
         self._item = EncodedItem("bench", Modality.IMAGE, tensor, (t, h, w), (), False)
 
-    async def Encode(self, request: pb.EncodeRequest, context: Any) -> pb.EncodeResponse:
-        where = self._exporter.put(
-            self._tensor, request.num_consumers, convert.consumer_host(request)
-        )
-        return convert.encode_response([self._item], [where])
-
-    async def FetchEmbedding(self, request: pb.FetchEmbeddingRequest, context: Any):
-        try:
-            for chunk in self._exporter.stream_chunks(request.embedding_id, request.chunk_bytes):
-                yield convert.chunk_message(chunk)
-        except TransportError as e:
-            await context.abort(grpc_status(e), str(e))
-
-    async def Ack(self, request: pb.AckRequest, context: Any) -> pb.AckResponse:
-        known = released = 0
-        for embedding_id in request.embedding_ids:
-            outcome = self._exporter.ack(embedding_id, request.consumer or None)
-            known, released = known + outcome.known, released + outcome.released
-        return convert.ack_response(known, released)
+    async def encode(self, items: list[MediaItem], budget_s: float) -> list[EncodedItem]:
+        return [self._item] * len(items)
 
 
 async def _empty(request: bytes, context: Any) -> bytes:
@@ -109,21 +86,22 @@ async def _produce(port_queue: Any, rows: int, hidden: int, pool_bytes: int) -> 
     g = torch.Generator().manual_seed(0)
     source = torch.randn(rows, hidden, generator=g).to(torch.bfloat16)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    exporters, servers, ports = [], [], {}
+    config = EncoderConfig()
+    stores, servers, ports = [], [], {}
     for device in devices:  # one server per device: Encode has no device field
         # the encoder server's default chunk, which a client asking for 0 gets
-        config = ExporterConfig(pool_bytes, chunk_bytes=ServerLimits().stream_chunk_bytes)
-        exporter = EmbeddingExporter(config, device=device)
-        server = grpc.aio.server(options=grpc_message_options())
-        pb_grpc.add_EncoderServicer_to_server(
-            _BenchEncoder(exporter, source.to(exporter.device)), server
-        )
+        exporter_config = ExporterConfig(pool_bytes, chunk_bytes=config.server.stream_chunk_bytes)
+        store = EmbeddingStore(exporter_config, config.store.embedding_store_mb * MIB, device)
+        pipeline = _FixedPipeline(source.to(store.exporter.device))
+        servicer = EncoderServicer(config, store, EncoderMetrics(), lambda p=pipeline: p)
+        server = grpc.aio.server(options=message_options(ServerLimits()))
+        add_encoder_servicer(servicer, server)
         empty = {"Empty": grpc.unary_unary_rpc_method_handler(_empty)}
         generic = grpc.method_handlers_generic_handler("glimpse.bench.Transport", empty)
         server.add_generic_rpc_handlers((generic,))
         ports[device] = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        exporters.append(exporter)
+        stores.append(store)
         servers.append(server)
     port_queue.put(ports)
     # Close the pools on SIGTERM so their shared memory is unlinked by its owner.
@@ -132,12 +110,32 @@ async def _produce(port_queue: Any, rows: int, hidden: int, pool_bytes: int) -> 
     await stop.wait()
     for server in servers:
         await server.stop(None)
-    for exporter in exporters:
-        exporter.close()
+    for store in stores:
+        store.close()
 
 
 def _producer_main(port_queue: Any, rows: int, hidden: int, pool_bytes: int) -> None:
     asyncio.run(_produce(port_queue, rows, hidden, pool_bytes))
+
+
+def _start_producer(ctx: Any, ports: Any, args: argparse.Namespace, env: dict[str, str]) -> Any:
+    """Spawn the producer with ``env`` added to its environment (read by glibc at its start)."""
+    producer = ctx.Process(
+        target=_producer_main,
+        args=(ports, args.rows, args.hidden, args.pool_mb << 20),
+        daemon=True,
+    )
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        producer.start()  # a spawned child inherits this process's environment
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return producer
 
 
 # -- consumer (this process) ----------------------------------------------------------------
@@ -245,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--paths", default="", help="comma-separated subset of: pool,grpc_stream (empty = all)"
     )
+    parser.add_argument(
+        "--producer-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the producer process only (repeatable)",
+    )
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
     chunk_bytes = int(args.chunk_mb * (1 << 20))
@@ -252,14 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     if wanted - set(_PATH_KINDS):
         parser.error(f"--paths takes {sorted(_PATH_KINDS)}, not {sorted(wanted)}")
 
+    if any("=" not in kv for kv in args.producer_env):
+        parser.error("--producer-env takes KEY=VALUE")
+    producer_env = dict(kv.split("=", 1) for kv in args.producer_env)
+
     ctx = mp.get_context("spawn")
     ports = ctx.Queue()
-    producer = ctx.Process(
-        target=_producer_main,
-        args=(ports, args.rows, args.hidden, args.pool_mb << 20),
-        daemon=True,
-    )
-    producer.start()
+    producer = _start_producer(ctx, ports, args, producer_env)
     try:
         targets = {dev: f"127.0.0.1:{port}" for dev, port in ports.get(timeout=120).items()}
         cases = [("cpu", None), ("cpu", "grpc_stream")]
@@ -300,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         "hidden": args.hidden,
         "dtype": "bfloat16",
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "producer_env": producer_env,
         "results": results,
     }
     if args.json:

@@ -3,7 +3,10 @@
 Contract (server side): ``items_from_request`` turns an ``EncodeRequest`` into ``MediaItem``s,
 refusing malformed items with ``EncodeError(INVALID)`` that names the item, and
 ``consumer_host`` reads the reader's host identity; ``encode_response`` (from the transport's
-``EmbeddingLocation``s), ``chunk_message`` and ``ack_response`` build replies. Client side:
+``EmbeddingLocation``s), ``chunk_message`` and ``ack_response`` build replies, and
+``chunk_to_wire`` writes a ``FetchEmbedding`` reply's wire bytes by hand (the payload copied once,
+from a view of the item; ``serialize_chunk_reply`` is that method's pass-through response
+serializer). Client side:
 ``encode_request``, ``descriptors_from_response``, ``location_from_message`` (raises the
 transport's ``DescriptorError`` for a location that contradicts itself), ``chunk_from_message``,
 ``chunk_from_wire`` (the ``FetchEmbedding`` reply read straight from its wire bytes, payload not
@@ -219,8 +222,8 @@ def chunk_from_message(msg: pb.EmbeddingChunk) -> EmbeddingChunk:
 
 
 # The FetchEmbedding method path, for a client that reads its replies with ``chunk_from_wire``.
-_ENCODER_SERVICE = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
-FETCH_EMBEDDING_PATH = f"/{_ENCODER_SERVICE}/FetchEmbedding"
+ENCODER_SERVICE = pb.DESCRIPTOR.services_by_name["Encoder"].full_name
+FETCH_EMBEDDING_PATH = f"/{ENCODER_SERVICE}/FetchEmbedding"
 
 # EmbeddingChunk field numbers (protos/encoder.proto) and protobuf wire types.
 _OFFSET, _DATA, _TOTAL_BYTES, _CRC32, _CRC32C = 1, 2, 3, 4, 5
@@ -286,6 +289,49 @@ def chunk_from_wire(raw: bytes) -> EmbeddingChunk:
         crc32=crc32 & 0xFFFFFFFF if crc32 is not None else None,
         crc32c=crc32c & 0xFFFFFFFF if crc32c is not None else None,
     )
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    value &= (1 << 64) - 1  # a negative int64 is its two's complement: ten bytes, as protobuf
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def chunk_to_wire(chunk: EmbeddingChunk) -> bytes:
+    """``chunk`` as a serialized ``EmbeddingChunk``, written by hand around its payload.
+
+    The same bytes as ``chunk_message(chunk).SerializeToString()`` (fields in number order,
+    proto3 defaults left out, the optional checksums written whenever set), so any protobuf
+    reader parses it; but ``data`` (a view of the pool or of the held copy) is copied once, into
+    the reply itself, where building and serializing the message copied it twice more.
+    """
+    data = memoryview(chunk.data).cast("B")
+    head = bytearray()  # fields 1-2: offset, then data's tag and length
+    if chunk.offset:
+        head.append(_OFFSET << 3 | _VARINT)
+        _put_varint(head, chunk.offset)
+    if data.nbytes:
+        head.append(_DATA << 3 | _LEN)
+        _put_varint(head, data.nbytes)
+    tail = bytearray()  # fields 3-5, after the payload
+    if chunk.total_bytes:
+        tail.append(_TOTAL_BYTES << 3 | _VARINT)
+        _put_varint(tail, chunk.total_bytes)
+    for number, crc in ((_CRC32, chunk.crc32), (_CRC32C, chunk.crc32c)):
+        if crc is not None:
+            tail.append(number << 3 | _VARINT)
+            _put_varint(tail, crc & 0xFFFFFFFF)
+    return b"".join((head, data, tail))  # one allocation, the payload's one copy
+
+
+def serialize_chunk_reply(reply: bytes | pb.EmbeddingChunk) -> bytes:
+    """FetchEmbedding's response serializer: wire bytes (``chunk_to_wire``) pass through as they
+    are; a message is serialized as the generated handler would."""
+    if isinstance(reply, bytes):
+        return reply
+    return reply.SerializeToString()
 
 
 def serialize(message: Any) -> bytes:

@@ -31,12 +31,11 @@ from encoder_service.items import MediaItem, Modality
 from encoder_service.media.decode import MediaPreparer, model_salt
 from encoder_service.metrics import EncoderMetrics
 from encoder_service.pipeline import EncodePipeline
-from encoder_service.servicer import EncoderServicer
+from encoder_service.servicer import EncoderServicer, add_encoder_servicer
 from encoder_service.store import EmbeddingStore
 from encoder_service.tower import load_tower, resolve_device
 from encoder_service.transport import ExporterConfig, TransportCollector, grpc_message_options
 from protos import encoder_pb2 as pb
-from protos import encoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ class EncoderServer:
             ]
         )
         servicer = EncoderServicer(self.config, self.store, self.metrics, lambda: self.pipeline)
-        pb_grpc.add_EncoderServicer_to_server(servicer, server)
+        add_encoder_servicer(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name)
         reflection.enable_server_reflection((*names, reflection.SERVICE_NAME), server)

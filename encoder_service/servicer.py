@@ -9,12 +9,17 @@ pipeline tasks. Encode replies are bounded by ``--mm-per-request-timeout`` and t
 deadline, whichever is shorter. Encode stores embeddings in the ``EmbeddingStore`` (pool slots or
 streamed copies) and replies with where each one lies; FetchEmbedding streams any live item in
 bounded chunks; Ack frees items. Pipeline and transport logic do not belong here.
+
+Serving: ``add_encoder_servicer`` registers the generated handlers with one change: FetchEmbedding
+yields each reply as wire bytes written by ``convert.chunk_to_wire`` (the payload's one copy, out
+of the pool) and its response serializer passes them through, so a multi-MiB chunk is not built
+into a message and serialized again. Clients see an ordinary ``EmbeddingChunk`` stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import grpc
 
@@ -83,19 +88,26 @@ class EncoderServicer(pb_grpc.EncoderServicer):
 
     async def FetchEmbedding(
         self, request: pb.FetchEmbeddingRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.EmbeddingChunk]:
+    ) -> AsyncIterator[bytes]:  # serialized EmbeddingChunk messages, see add_encoder_servicer
         # Chunk sizes are clamped by the transport (1 KiB to 4 MiB); 0 takes the server default.
-        chunks = self._store.stream(request.embedding_id, request.chunk_bytes)
+        chunks = self._store.stream(
+            request.embedding_id, request.chunk_bytes, convert.chunk_to_wire
+        )
         try:
-            for chunk in chunks:
-                yield convert.chunk_message(chunk)
+            for wire in chunks:
+                yield wire
         except EncodeError as err:  # not live: raised before the first chunk
             await self._fail(context, "FetchEmbedding", err)
         except TransportError as err:  # freed while being streamed: never send other bytes
-            code = grpc_status(err)
-            self._metrics.rpcs.labels(method="FetchEmbedding", code=code.name).inc()
-            await context.abort(code, str(err))
-        self._ok("FetchEmbedding")
+            code, details = grpc_status(err), str(err)
+        else:
+            self._ok("FetchEmbedding")
+            return
+        # NOTE: aborted after the handler: the error's traceback holds the exporter's frame, and
+        # with it a view of the pool; raising the abort inside would chain the two into a cycle
+        # that keeps the pool mapped until the garbage collector runs.
+        self._metrics.rpcs.labels(method="FetchEmbedding", code=code.name).inc()
+        await context.abort(code, details)
 
     async def Ack(
         self, request: pb.AckRequest, context: grpc.aio.ServicerContext
@@ -106,3 +118,29 @@ class EncoderServicer(pb_grpc.EncoderServicer):
         known, released = self._store.ack(list(request.embedding_ids), request.consumer or None)
         self._ok("Ack")
         return convert.ack_response(known, released)
+
+
+class _Registrations:
+    """Stands in for a server while the generated code registers its method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # rebuilt from the registered handlers below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.handlers[service] = dict(handlers)
+
+
+def add_encoder_servicer(servicer: pb_grpc.EncoderServicer, server: grpc.aio.Server) -> None:
+    """``pb_grpc.add_EncoderServicer_to_server`` with FetchEmbedding's replies passed through as
+    the wire bytes the servicer wrote (``convert.serialize_chunk_reply``)."""
+    captured = _Registrations()
+    pb_grpc.add_EncoderServicer_to_server(servicer, captured)
+    handlers = captured.handlers[convert.ENCODER_SERVICE]
+    fetch = handlers["FetchEmbedding"]
+    handlers["FetchEmbedding"] = fetch._replace(response_serializer=convert.serialize_chunk_reply)
+    generic = grpc.method_handlers_generic_handler(convert.ENCODER_SERVICE, handlers)
+    server.add_generic_rpc_handlers((generic,))
+    server.add_registered_method_handlers(convert.ENCODER_SERVICE, handlers)

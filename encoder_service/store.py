@@ -7,7 +7,8 @@ items offered only by stream (pool full, reader on another host, no pool).
 ``put_all(embeddings, consumers, consumer_host)`` stores every item of one request or none of them
 and returns one ``EmbeddingLocation`` per item; it refuses with ``EncodeError(EXHAUSTED)`` when the
 host memory held for streamed items would exceed ``spill_capacity_bytes`` (a full pool alone is
-never an error). ``stream(id)`` yields any live item's chunks for ``FetchEmbedding``; ``ack`` counts
+never an error). ``stream(id, chunk_bytes, frame)`` yields any live item's chunks for
+``FetchEmbedding``, each passed through ``frame`` (the servicer's wire writer); ``ack`` counts
 one reader per id and frees an item when all of them acked; an item nobody acknowledged is freed
 ``ttl_s`` after it was stored (``sweep``, also run by every put).
 
@@ -24,6 +25,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -38,10 +40,12 @@ from encoder_service.transport import (
     TransportStats,
 )
 from encoder_service.transport.metrics import POOL_USED_BYTES
+from encoder_service.transport.stream import copy_chunk
 
 log = logging.getLogger(__name__)
 
 _SHM_DIR = "/dev/shm"
+Framed = TypeVar("Framed")
 
 
 def _fit_shm_pool(pool_bytes: int) -> int:
@@ -141,9 +145,16 @@ class EmbeddingStore:
             raise
         return stored
 
-    def stream(self, embedding_id: str, chunk_bytes: int = 0) -> Iterator[EmbeddingChunk]:
-        """The item's bytes as bounded chunks; NOT_FOUND on the first step if it is not live."""
-        chunks = self.exporter.stream_chunks(embedding_id, chunk_bytes or None)
+    def stream(
+        self,
+        embedding_id: str,
+        chunk_bytes: int = 0,
+        frame: Callable[[EmbeddingChunk], Framed] = copy_chunk,  # type: ignore[assignment]
+    ) -> Iterator[Framed]:
+        """The item's bytes as bounded chunks, each through ``frame`` (which gets a view of the
+        item's memory and copies what it keeps; by default a chunk owning its bytes);
+        NOT_FOUND on the first step if the item is not live."""
+        chunks = self.exporter.stream_chunks(embedding_id, chunk_bytes or None, frame)
         try:
             first = next(chunks)  # the exporter checks the id on the first step
         except TransportError:

@@ -11,8 +11,9 @@ Lifetime: an item is freed when ``consumers`` acks arrived (``ack``), or when it
 (``sweep_expired``, run by every ``put``; worth a timer too when puts are rare), or at once by
 ``release`` (a service undoing the puts of a request it refuses).
 ``stream_chunks`` serves any live item, pooled or not, as bounded chunks for the
-``FetchEmbedding`` RPC, and fails with ``StaleSlotError`` when the item is gone or is freed while
-it is being read.
+``FetchEmbedding`` RPC (each one handed to a ``frame`` function while it still views the item's
+memory, so the caller's reply message can be the payload's only copy), and fails with
+``StaleSlotError`` when the item is gone or is freed while it is being read.
 
 Thread safety: every method may be called from any thread (one lock around the bookkeeping;
 copies run outside it).
@@ -30,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -47,7 +48,9 @@ from encoder_service.transport.errors import StaleSlotError
 from encoder_service.transport.host import HostIdentity, local_host, pid_namespace
 from encoder_service.transport.shm_pool import ShmPool, as_bytes
 from encoder_service.transport.slots import AckOutcome, Lease, SlotAllocator
-from encoder_service.transport.stream import EmbeddingChunk, split_chunks
+from encoder_service.transport.stream import EmbeddingChunk, chunk_views, copy_chunk
+
+Framed = TypeVar("Framed")
 
 
 @dataclass(frozen=True)
@@ -241,15 +244,22 @@ class EmbeddingExporter:
     # -- serve ---------------------------------------------------------------------------
 
     def stream_chunks(
-        self, item: str | EmbeddingKey | EmbeddingLocation, chunk_bytes: int | None = None
-    ) -> Iterator[EmbeddingChunk]:
-        """The item's bytes as bounded chunks, for ``FetchEmbedding``.
+        self,
+        item: str | EmbeddingKey | EmbeddingLocation,
+        chunk_bytes: int | None = None,
+        frame: Callable[[EmbeddingChunk], Framed] = copy_chunk,  # type: ignore[assignment]
+    ) -> Iterator[Framed]:
+        """The item's bytes as bounded chunks, for ``FetchEmbedding``, each passed through
+        ``frame`` (by default a chunk owning a copy of its bytes).
 
-        Raises StaleSlotError (before the first chunk or between chunks) when the item is
-        unknown, already freed, or freed while being read.
+        ``frame`` gets a chunk whose ``data`` views the item's memory and must copy what it
+        keeps: the view is valid only during the call. Raises StaleSlotError (before the first
+        chunk or between chunks) when the item is unknown, already freed, or freed while being
+        read.
         """
         key = _key_of(item)
         chunk_bytes = chunk_bytes or self.config.chunk_bytes
+        checksum = self.config.stream_checksum
         if key.pool_id != self.pool_id:
             raise StaleSlotError(f"embedding {key} belongs to another encoder")
         if key.slot_id == SPILL_SLOT:
@@ -259,7 +269,9 @@ class EmbeddingExporter:
                 raise StaleSlotError(f"embedding {key} was released or expired")
             self.stats.fetches["grpc_stream"] += 1
             self.stats.fetch_bytes["grpc_stream"] += len(spilled.data)
-            yield from split_chunks(spilled.data, chunk_bytes, self.config.stream_checksum)
+            # Immutable bytes held by this reference: a release mid-stream cannot change them.
+            for chunk in chunk_views(spilled.data, chunk_bytes, checksum):
+                yield frame(chunk)
             return
         with self._lock:
             slot = self._slots.lookup(key.slot_id, key.generation) if self._slots else None
@@ -269,12 +281,13 @@ class EmbeddingExporter:
         view = self._pool.read(slot.slot_id * self.config.block_bytes, slot.nbytes)
         self.stats.fetches["grpc_stream"] += 1
         self.stats.fetch_bytes["grpc_stream"] += slot.nbytes
-        for chunk in split_chunks(view, chunk_bytes, self.config.stream_checksum):
-            # NOTE: checked after each chunk was copied out: a slot freed (TTL) and reused
-            # mid-stream must not leak another item's bytes into this one.
+        for chunk in chunk_views(view, chunk_bytes, checksum):
+            framed = frame(chunk)
+            # NOTE: checked after ``frame`` copied the chunk out of the pool: a slot freed (TTL)
+            # and reused mid-stream must not leak another item's bytes into this one.
             if int(generations[slot.slot_id]) != key.generation:
                 raise StaleSlotError(f"embedding {key} expired while it was being streamed")
-            yield chunk
+            yield framed
 
     # -- shutdown ------------------------------------------------------------------------
 

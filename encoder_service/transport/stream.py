@@ -1,10 +1,13 @@
 """The ``grpc_stream`` path: bounded chunks out, validated reassembly in.
 
-Producer: ``split_chunks`` cuts an item's bytes into chunks of at most ``chunk_bytes`` (default
+Producer: ``chunk_views`` cuts an item's bytes into chunks of at most ``chunk_bytes`` (default
 4 MiB, clamped to [1 KiB, 4 MiB]), each carrying its offset, the item's total size and a CRC-32C
 of its bytes (hardware-accelerated: zlib's CRC-32 ran at about 1.4 GB/s and cost more than the
-transfer). Flow control is gRPC's own: a server-streaming handler that yields these lazily never
-holds more than one chunk beyond what the transport buffered.
+transfer); their ``data`` views the item's memory, so whoever frames a chunk (the encoder writes
+the reply message around it, ``convert.chunk_to_wire``) makes the one copy of the payload.
+``split_chunks`` is the same with each chunk's bytes copied out (``copy_chunk``). Flow control is
+gRPC's own: a server-streaming handler that yields these lazily never holds more than one chunk
+beyond what the transport buffered.
 
 Consumer: ``assemble`` reads chunks (an async or sync iterable of anything with ``offset``,
 ``data``, ``total_bytes`` and optionally ``crc32c`` / ``crc32``, so generated proto messages work
@@ -24,7 +27,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import AsyncIterable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import google_crc32c
@@ -45,7 +48,9 @@ _STREAM_WINDOW = 64 << 20
 @dataclass(frozen=True)
 class EmbeddingChunk:
     offset: int  # byte offset of data in the item
-    data: bytes | np.ndarray  # the chunk's bytes; [n] uint8 when read from the wire in place
+    # The chunk's bytes: ``bytes`` once copied out; a [n] uint8 array viewing the item (from
+    # ``chunk_views``) or the received message (read from the wire in place).
+    data: bytes | np.ndarray
     total_bytes: int  # the item's size; lets the reader detect a cut stream
     crc32: int | None = None  # zlib CRC-32 of data, from older producers; verified when present
     crc32c: int | None = None  # CRC-32C of data; None when the producer sends no checksum
@@ -72,20 +77,40 @@ def grpc_message_options(chunk_bytes: int = MAX_CHUNK_BYTES) -> list[tuple[str, 
     ]
 
 
-def split_chunks(
+def chunk_views(
     data: bytes | bytearray | memoryview, chunk_bytes: int | None = None, checksum: bool = True
 ) -> Iterator[EmbeddingChunk]:
-    """Yield ``data`` as bounded chunks (lazily: each chunk's bytes are copied when yielded)."""
-    view = memoryview(data).cast("B")
+    """Yield ``data`` as bounded chunks whose ``data`` is a read-only [n] uint8 array viewing
+    it (nothing copied).
+
+    NOTE: a view is only as good as the memory under it: a pool slot can be freed and reused
+    while its chunks are streamed, so a caller copies each one out before it checks that the
+    item is still live (``EmbeddingExporter.stream_chunks``).
+    """
+    # Read-only, so no framing can write into a pool slot; an array, not a memoryview, because
+    # google_crc32c refuses memoryviews.
+    items = np.frombuffer(memoryview(data).cast("B").toreadonly(), dtype=np.uint8)
     step = clamp_chunk_bytes(chunk_bytes)
-    total = len(view)
+    total = len(items)
     if total == 0:
         yield EmbeddingChunk(offset=0, data=b"", total_bytes=0, crc32c=0 if checksum else None)
         return
     for start in range(0, total, step):
-        piece = bytes(view[start : start + step])
+        piece = items[start : start + step]  # [<= step] u8, a view
         crc = google_crc32c.value(piece) if checksum else None
         yield EmbeddingChunk(offset=start, data=piece, total_bytes=total, crc32c=crc)
+
+
+def copy_chunk(chunk: EmbeddingChunk) -> EmbeddingChunk:
+    """The chunk owning its bytes (``bytes``), independent of the memory it was cut from."""
+    return replace(chunk, data=bytes(chunk.data))
+
+
+def split_chunks(
+    data: bytes | bytearray | memoryview, chunk_bytes: int | None = None, checksum: bool = True
+) -> Iterator[EmbeddingChunk]:
+    """Yield ``data`` as bounded chunks (lazily: each chunk's bytes are copied when yielded)."""
+    return map(copy_chunk, chunk_views(data, chunk_bytes, checksum))
 
 
 class ChunkAssembler:
