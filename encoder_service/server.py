@@ -5,7 +5,9 @@ Contract: ``EncoderServer(config).start()`` binds the port and starts serving at
 background and one warm-up encode runs through the whole pipeline before health flips to
 ``SERVING``. Until then ``Encode`` answers UNAVAILABLE. ``stop()`` flips health to NOT_SERVING,
 waits ``shutdown_drain_s`` so probes notice, then stops the server letting in-flight calls finish
-within ``shutdown_grace_s``, and closes the embedding pool (readers then see it closed).
+within ``shutdown_grace_s``, and closes the embedding pool (readers then see it closed). Once
+warm, the heap built by loading is frozen out of the garbage collector's scans (``gc.freeze``:
+a full collection over it stalls encodes), and thawed again on ``stop()``.
 Message size limits are set explicitly on the server (never below what a FetchEmbedding chunk
 needs). The embedding store (pool) is created at construction, on the tower's device; its
 transport counters are served with the encoder's metrics.
@@ -15,6 +17,7 @@ Request handling does not belong here (``servicer.py``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 
@@ -87,6 +90,7 @@ class EncoderServer:
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready: asyncio.Future[None] | None = None
+        self._frozen = False  # gc.freeze() done after warm-up (undone by stop)
         self.metrics.bind_store_bytes(lambda: self.store.used_bytes)
 
     async def start(self) -> int:
@@ -154,6 +158,12 @@ class EncoderServer:
             self._ready.set_exception(exc)
             return
         self.pipeline = pipeline
+        # NOTE: what loading built (modules, the tower's parameters, the processor) lives as
+        # long as the server; frozen, full collections no longer walk it. What requests
+        # allocate from here on is collected as usual.
+        gc.collect()
+        gc.freeze()
+        self._frozen = True
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("encoder ready on port %d (%s, %s)", self.port, tower.device, tower.dtype)
@@ -182,6 +192,9 @@ class EncoderServer:
         elif self.batcher is not None:
             await self.batcher.stop()
         self.store.close()
+        if self._frozen:  # the server's objects may be garbage now: let the collector see them
+            gc.unfreeze()
+            self._frozen = False
 
     async def wait_for_termination(self) -> None:
         assert self._server is not None

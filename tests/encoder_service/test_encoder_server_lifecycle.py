@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import threading
 from collections.abc import Iterator
 
@@ -181,3 +182,17 @@ def test_glm46v_video_equals_direct_model_output(loop, tiny_ckpt_46):
     want, grid, stamps = Reference(tiny_ckpt_46).video(video)
     assert desc.grid_thw == grid and desc.timestamps == pytest.approx(stamps)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_warm_encoder_freezes_its_loaded_heap_and_stop_thaws_it(tiny_ckpt_45):
+    # a full collection over the loaded heap stalls encodes; frozen objects are never scanned
+    gc.unfreeze()  # servers started by other tests may have frozen objects already
+    thread = LoopThread()
+    try:
+        running = RunningEncoder.start(thread, permissive_config(tiny_ckpt_45))
+        assert gc.get_freeze_count() > 0
+        assert running.server.pipeline is not None
+        running.stop()
+        assert gc.get_freeze_count() == 0
+    finally:
+        thread.close()
