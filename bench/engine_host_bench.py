@@ -30,10 +30,11 @@ the path any other decoder takes), to compare the two in one tree. Cases:
 Phases, timed with ``time.perf_counter`` by wrapping the engine's calls from here (nothing in
 the engine is instrumented): schedule (``Scheduler.schedule``), prepare (``ModelRunner.
 prepare_inputs``), launch (the rest of ``launch``: runner state and the sampler's launch, with its
-argmax over the [B, 1088] logits; the stub model's own time is taken out), result (``PendingStep.result``: picks to host, per-request dicts), update
+argmax over the [B, 1088] logits; the stub model's own time is taken out), result
+(``PendingStep.result``: picks to host, per-request dicts), update
 (``Scheduler.update_from_output``), outputs (``LLMEngine._outputs``: detokenising, stop strings,
-``RequestOutput``s) and total (the whole ``step()`` less the stub model). ``--profile B`` prints a cProfile of the
-decode steps at batch B. The table prints last. Not a test: nothing is asserted.
+``RequestOutput``s) and total (the whole ``step()`` less the stub model). ``--profile B`` prints
+a cProfile of the decode steps at batch B. The table prints last. Not a test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -391,7 +392,8 @@ def main() -> int:
                 f"emulated device time"
             )
     print(
-        f"\nengine host ms per step (CPU, torch threads 1, {args.clock} clock, {args.detok} detok); prompts {args.prompt_len} tokens "
+        f"\nengine host ms per step (CPU, torch threads 1, {args.clock} clock, {args.detok} "
+        f"detok); prompts {args.prompt_len} tokens "
         f"({args.image_tokens} image), {args.output_len} output tokens, greedy, ignore_eos, "
         "detokenised"
     )

@@ -9,9 +9,10 @@ counts the encoders report and computes the 3-D M-RoPE positions. It returns a
 deadline)`` then pulls each embedding from the replica that made it (its shm / CUDA IPC pool on
 the same host, else a gRPC stream) and hands it to ``attach(index, tensor)``; ``release``
 acknowledges embeddings that will never be fetched. Acks never hold up a request: a fetched
-embedding's ack and every release are queued on the replica's client (``ack_later``), which sends
-those of one loop turn as one Ack call and keeps them until answered. Encoder failures become ``ServiceError``s that name the
-item (``invalid_image`` / ``invalid_video`` for bad media, DEADLINE, queue_full, UNAVAILABLE).
+embedding's ack and every release are queued on the replica's client (``ack_later``), which
+sends those of one loop turn as one Ack call and keeps them until answered. Encoder failures
+become ``ServiceError``s that name the item (``invalid_image`` / ``invalid_video`` for bad
+media, DEADLINE, queue_full, UNAVAILABLE).
 Not here: the engine, protobuf of the decoder API, the encoders' own media rules (SSRF, local
 paths, size caps: the encoder enforces them where it fetches).
 """

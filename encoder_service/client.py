@@ -46,6 +46,7 @@ from encoder_service.transport import (
     TransportError,
     grpc_message_options,
 )
+from protos import encoder_pb2 as pb
 from protos import encoder_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,7 @@ class EncoderClient:
         # out of it; this one reads the wire bytes in place.
         self._fetch_stream = self._channel.unary_stream(
             convert.FETCH_EMBEDDING_PATH,
-            request_serializer=convert.serialize,
+            request_serializer=pb.FetchEmbeddingRequest.SerializeToString,
             response_deserializer=_read_chunk,
         )
         self._acks = _AckQueue(self._ack_call, target)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
@@ -332,11 +331,6 @@ def serialize_chunk_reply(reply: bytes | pb.EmbeddingChunk) -> bytes:
     if isinstance(reply, bytes):
         return reply
     return reply.SerializeToString()
-
-
-def serialize(message: Any) -> bytes:
-    """Request serializer of a hand-built call (``FETCH_EMBEDDING_PATH``)."""
-    return message.SerializeToString()
 
 
 def fetch_request(embedding_id: str, chunk_bytes: int = 0) -> pb.FetchEmbeddingRequest:

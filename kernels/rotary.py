@@ -216,6 +216,20 @@ def _per_token(c: torch.Tensor, t: int, half: int) -> torch.Tensor:  # -> [T, ha
 if triton is not None:
 
     @triton.jit
+    def _rotate(x1, x2, cos, sin, ROUND_EACH: tl.constexpr):
+        # (x1*cos - x2*sin, x2*cos + x1*sin) in x1's dtype, cos/sin float32
+        dt = x1.dtype
+        a, b = x1.to(tl.float32), x2.to(tl.float32)
+        a_sin, b_sin, a_cos, b_cos = a * sin, b * sin, a * cos, b * cos
+        if ROUND_EACH:
+            # round after every op like the unfused torch ops (a no-op in float32)
+            a_sin = a_sin.to(dt).to(tl.float32)
+            b_sin = b_sin.to(dt).to(tl.float32)
+            a_cos = a_cos.to(dt).to(tl.float32)
+            b_cos = b_cos.to(dt).to(tl.float32)
+        return (a_cos - b_sin).to(dt), (b_cos + a_sin).to(dt)
+
+    @triton.jit
     def _rotary_kernel(
         x_ptr, cos_ptr, sin_ptr,
         stride_xt, stride_xh, stride_ct, stride_st,
@@ -232,17 +246,9 @@ if triton is not None:
         off1 = tok * stride_xt + heads.to(tl.int64)[:, None] * stride_xh + j[None, :]
         x1 = tl.load(x_ptr + off1, mask=mask, other=0.0)
         x2 = tl.load(x_ptr + off1 + half, mask=mask, other=0.0)
-        dt = x1.dtype
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        a_sin, b_sin, a_cos, b_cos = a * sin, b * sin, a * cos, b * cos
-        if ROUND_EACH:
-            # round after every op like the unfused torch ops (a no-op in float32)
-            a_sin = a_sin.to(dt).to(tl.float32)
-            b_sin = b_sin.to(dt).to(tl.float32)
-            a_cos = a_cos.to(dt).to(tl.float32)
-            b_cos = b_cos.to(dt).to(tl.float32)
-        tl.store(x_ptr + off1, (a_cos - b_sin).to(dt), mask=mask)
-        tl.store(x_ptr + off1 + half, (b_cos + a_sin).to(dt), mask=mask)
+        y1, y2 = _rotate(x1, x2, cos, sin, ROUND_EACH)
+        tl.store(x_ptr + off1, y1, mask=mask)
+        tl.store(x_ptr + off1 + half, y2, mask=mask)
 
     @triton.jit
     def _rotary_cache_kernel(
@@ -271,16 +277,10 @@ if triton is not None:
         mask = live[:, None] & (j < half)[None, :]
         x1 = tl.load(x_ptr + row + j[None, :], mask=mask, other=0.0)
         x2 = tl.load(x_ptr + row + j[None, :] + half, mask=mask, other=0.0)
-        dt = x1.dtype
-        a, b = x1.to(tl.float32), x2.to(tl.float32)
-        # each product rounded like the unfused torch ops (a no-op in float32)
-        a_sin = (a * sin).to(dt).to(tl.float32)
-        b_sin = (b * sin).to(dt).to(tl.float32)
-        a_cos = (a * cos).to(dt).to(tl.float32)
-        b_cos = (b * cos).to(dt).to(tl.float32)
+        r1, r2 = _rotate(x1, x2, cos, sin, True)
         rot = rotated[:, None]
-        y1 = tl.where(rot, (a_cos - b_sin).to(dt), x1)
-        y2 = tl.where(rot, (b_cos + a_sin).to(dt), x2)
+        y1 = tl.where(rot, r1, x1)
+        y2 = tl.where(rot, r2, x2)
         tl.store(x_ptr + row + j[None, :], y1, mask=mask & rot)
         tl.store(x_ptr + row + j[None, :] + half, y2, mask=mask & rot)
         tl.store(kc_ptr + cache_row + j[None, :], y1, mask=mask & k_rows)

@@ -160,30 +160,20 @@ class _ByteStream:
         self._skip = skip
         self._table = token_bytes.skipped if skip else token_bytes.kept
         self._unfinished = b""  # trailing bytes that may still become a character
-        self._held: list[str] = []  # decoded since the last release; it ends in U+FFFD
+        self._held: list[str] = []  # decoded since the last release
 
     def push(self, token_ids: list[int]) -> str | None:
         table, skip, fill = self._table, self._skip, self._bytes.fill
-        if len(token_ids) == 1:
-            data = table.get(token_ids[0])
-            if data is None:
-                data = fill(token_ids[0], skip)
-        else:
-            data = b"".join([table[i] if i in table else fill(i, skip) for i in token_ids])
+        data = b"".join([table[i] if i in table else fill(i, skip) for i in token_ids])
         if self._unfinished:
             data = self._unfinished + data
         text, used = _utf8_decode(data, "replace", False)
         self._unfinished = data[used:]
         held = self._held
-        if not held:  # the common case: nothing waits
-            if self._unfinished or not text or text[-1] == _REPLACEMENT:
-                if text:  # released once a later character ends it
-                    held.append(text)
-                return None
-            return text
         if text:
             held.append(text)
-        if self._unfinished or held[-1][-1] == _REPLACEMENT:
+        # released once no character is left open and the text does not end in U+FFFD
+        if self._unfinished or not held or held[-1][-1] == _REPLACEMENT:
             return None
         text = "".join(held)
         held.clear()

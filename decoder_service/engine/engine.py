@@ -318,39 +318,24 @@ class LLMEngine:
                 elif req.finished:
                     text += detok.flush()
             lp = result.logprobs_of(rid, new_ids[0]) if want_logprobs else None
-            if req.status is RequestStatus.RUNNING:
-                # the common case, one per running request per step: positional, no lookups
-                outputs.append(
-                    RequestOutput(
-                        rid,
-                        new_ids,
-                        text,
-                        False,
-                        None,
-                        None,
-                        len(req.prompt_token_ids),
-                        max(req.num_cached_tokens, 0),
-                        [lp] if lp else None,
-                    )
-                )
-            else:
-                outputs.append(self._output(req, new_ids, text, [lp] if lp else None))
+            outputs.append(self._output(req, new_ids, text, [lp] if lp else None))
         return outputs
 
     def _output(self, req: Request, new_ids: list[int], text: str, logprobs) -> RequestOutput:
         finished = req.finished
         if finished:
             self._detok.pop(req.request_id, None)
+        # positional: one is built per running request per step
         return RequestOutput(
-            request_id=req.request_id,
-            new_token_ids=new_ids,
-            new_text=text,
-            finished=finished,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-            num_prompt_tokens=req.num_prompt_tokens,
-            num_cached_tokens=max(req.num_cached_tokens, 0),
-            logprobs=logprobs,
+            req.request_id,
+            new_ids,
+            text,
+            finished,
+            req.finish_reason,
+            req.stop_reason,
+            req.num_prompt_tokens,
+            max(req.num_cached_tokens, 0),
+            logprobs,
         )
 
     # ---- helpers ------------------------------------------------------------------------------

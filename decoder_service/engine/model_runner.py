@@ -61,10 +61,6 @@ class _RequestState:
     prompt_positions: np.ndarray | None  # [3, num_prompt_tokens] int64; None = 1-D text
     rope_delta: int
     table_row: int  # the request's row in ``ModelRunner.tables``
-    # the block-id list last written to that row and its length: the scheduler hands the same
-    # list object every step until the table grows, so an unchanged table costs no sync
-    block_ids: list[int] | None = None
-    num_blocks: int = 0
 
 
 class TokenLogprobs(NamedTuple):
@@ -281,12 +277,7 @@ class ModelRunner:
             known = st.num_prompt_tokens + len(output)
             if start + n > known:  # a token sampled last step, now fed back in
                 output += toks[known - start :]
-            block_ids = seq.block_ids
-            if block_ids is not st.block_ids:  # the scheduler shares the list until it grows
-                st.num_blocks = sync(st.table_row, block_ids)
-                st.block_ids = block_ids
-            if st.num_blocks > max_blocks:
-                max_blocks = st.num_blocks
+            max_blocks = max(max_blocks, sync(st.table_row, seq.block_ids))
             ids += toks
             starts.append(start)
             lens.append(n)

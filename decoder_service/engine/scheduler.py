@@ -114,41 +114,7 @@ class Scheduler:
                 decodes.append(req)
             elif remaining > 1:
                 prefills.append(req)
-        budget = self._schedule_decodes(decodes, budget, scheduled, out)
-        budget = self._schedule_prefills(prefills, budget, scheduled, out)
-        if not out.num_preempted:  # blocks just taken from someone are not handed to newcomers
-            budget = self._admit_waiting(budget, out)
-        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
-        return out
-
-    def _schedule_decodes(
-        self, decodes: list[Request], budget: int, scheduled: set[str], out: SchedulerOutput
-    ) -> int:
-        # one slice per running request per step: ``_num_new_tokens`` and ``_slice`` for a
-        # one-token slice are written out here, and the allocation is tried once before the
-        # preempting loop
-        sequences, allocate, block_ids = out.sequences, self.kv.allocate, self.kv.block_ids
-        running = RequestStatus.RUNNING
-        for req in decodes:
-            if budget <= 0:
-                break
-            if req.status is not running:
-                continue  # preempted earlier in this loop
-            start = req.num_computed_tokens
-            if req.mm_items and req.computable_until(start) <= start:
-                continue  # the prompt's last token still waits for its media
-            if allocate(req, 1) or self._allocate_or_preempt(req, 1, scheduled, out):
-                rid = req.request_id
-                seq = ScheduledSequence(rid, req.all_token_ids[start:], start, block_ids(rid), True)
-                sequences.append(seq)
-                scheduled.add(rid)
-                budget -= 1
-        return budget
-
-    def _schedule_prefills(
-        self, prefills: list[Request], budget: int, scheduled: set[str], out: SchedulerOutput
-    ) -> int:
-        for req in prefills:
+        for req in decodes + prefills:
             if budget <= 0:
                 break
             if req.status is not RequestStatus.RUNNING:
@@ -160,7 +126,10 @@ class Scheduler:
                 out.sequences.append(self._slice(req, n))
                 scheduled.add(req.request_id)
                 budget -= n
-        return budget
+        if not out.num_preempted:  # blocks just taken from someone are not handed to newcomers
+            budget = self._admit_waiting(budget, out)
+        out.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        return out
 
     def _num_new_tokens(self, req: Request, start: int, budget: int) -> int:
         remaining = req.num_tokens - start
@@ -264,9 +233,7 @@ class Scheduler:
             req.num_computed_tokens = seq.start + len(seq.token_ids)
             if not seq.sample:
                 continue
-            token = sampled[rid]
-            if req.forcing is not None:
-                token = req.forcing.choose(token)
+            token = req.next_output_token(sampled[rid])
             req.append_output_token(token)
             self._check_stop(req, token)
             updates.append((req, [token]))

@@ -13,8 +13,9 @@ Consumer: ``assemble`` reads chunks (an async or sync iterable of anything with 
 ``data``, ``total_bytes`` and optionally ``crc32c`` / ``crc32``, so generated proto messages work
 as they are; ``data`` may be ``bytes`` or a read-only uint8 array viewing the received message,
 see ``convert.chunk_from_wire``) into one uninitialized buffer, one copy per chunk, and checks
-that offsets are contiguous, totals agree, checksums match and the stream did not end early. Any violation is a ``StreamCutError`` (DATA_LOSS). A gRPC error in the middle of a stream is
-a cut too; before the first chunk it means the producer is unreachable (UNAVAILABLE) or the item
+that offsets are contiguous, totals agree, checksums match and the stream did not end early.
+Any violation is a ``StreamCutError`` (DATA_LOSS). A gRPC error in the middle of a stream is a
+cut too; before the first chunk it means the producer is unreachable (UNAVAILABLE) or the item
 is gone (DATA_LOSS); deadline and cancellation errors pass through untouched.
 
 Message limits: a chunk message is a little larger than its payload, so both ends must raise

@@ -488,6 +488,7 @@ def test_warm_decoder_keeps_its_loaded_heap_out_of_garbage_collection(tiny_ckpt_
     # a full collection over the loaded heap stalls the engine thread mid-step (over 100 ms
     # measured by bench/engine_host_bench.py); once warm the decoder freezes that heap, and
     # stopping thaws it so a stopped engine can be collected
+    gc.unfreeze()  # the module's running service has frozen objects already
     loop = ServiceLoop()
     decoder = start_decoder(loop, decoder_config(tiny_ckpt_45))
     try:

@@ -146,7 +146,8 @@ def test_generated_stub_reads_the_exact_bytes_the_generated_serializer_would_sen
     async def body(stub, channel):
         messages = [m async for m in stub.FetchEmbedding(request)]  # generated deserializer
         raw_call = channel.unary_stream(
-            convert.FETCH_EMBEDDING_PATH, request_serializer=convert.serialize
+            convert.FETCH_EMBEDDING_PATH,
+            request_serializer=pb.FetchEmbeddingRequest.SerializeToString,
         )  # no deserializer: the replies' wire bytes
         return messages, [r async for r in raw_call(request)]
 
