@@ -266,7 +266,7 @@ def w8a16_sweep(tokens: list[int], iters: int) -> list[dict]:
             x = torch.randn(m, k, generator=gen).to(DEVICE, BF16)
             timed = {tiles: _time_w8a16(x, q, scale, tiles, iters) for tiles in W8A16_SPACE}
             best = min(timed, key=timed.get)
-            table = fp8_gemv._tiles(n, k)
+            table = fp8_gemv._tiles(m, n, k)
             picked = timed[table] if table in timed else _time_w8a16(x, q, scale, table, iters)
             for label, tiles, us in (("best", best, timed[best]), ("_tiles", table, picked)):
                 gbps = n * k / us / 1e3  # the codes, one byte each

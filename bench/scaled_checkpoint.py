@@ -1,9 +1,10 @@
 """Write a GLM-4.5V-shaped checkpoint directory for benchmarks: real widths, few layers.
 
 ``python -m bench.scaled_checkpoint --out DIR [--layers 6] [--vision-depth 24]`` writes the tiny
-checkpoint's tokenizer, template and processor configs next to a ``config.json`` with the real
-GLM-4.5V text and vision widths (hidden 4096, 96/8 heads, 128 experts top-8, vocab 151552) and the
-given depth. There are no weights: run it with ``--load-format dummy``. The tokenizer's BPE
+checkpoint's tokenizer and template next to a ``config.json`` with the real GLM-4.5V text and
+vision widths (hidden 4096, 96/8 heads, 128 experts top-8, vocab 151552) and the given depth, and
+processor configs with the released checkpoints' pixel budgets (``REAL_IMAGE_SIZE``: up to 6,144
+tokens an image), so a served benchmark's images cost what they cost on the real model. There are no weights: run it with ``--load-format dummy``. The tokenizer's BPE
 vocabulary is padded with plain word pieces up to the real vocabulary size, so every token id that
 random weights can sample decodes to text (a served benchmark then streams output like a real
 checkpoint does); prompts still tokenize with the small vocabulary.
@@ -30,6 +31,10 @@ REAL_TEXT = {
     "moe_intermediate_size": TextConfig.moe_intermediate_size,
     "max_position_embeddings": TextConfig.max_position_embeddings,
 }
+# preprocessor_config.json "size" of the released GLM-4.5V / 4.6V checkpoints (pixels of T*H*W,
+# T = 2), and the video processor's class default
+REAL_IMAGE_SIZE = {"shortest_edge": 12544, "longest_edge": 9633792}
+REAL_VIDEO_SIZE = {"shortest_edge": 12544, "longest_edge": 28 * 28 * 2 * 30000}
 REAL_VISION = {
     "hidden_size": VisionConfig.hidden_size,
     "num_heads": VisionConfig.num_heads,
@@ -81,6 +86,15 @@ def write_scaled_checkpoint(out: Path, layers: int, vision_depth: int) -> Path:
     cfg["text_config"]["rope_scaling"]["mrope_section"] = list(TextConfig.mrope_section)
     cfg["vision_config"].update(REAL_VISION, depth=vision_depth)
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    for name, size in (
+        ("preprocessor_config.json", REAL_IMAGE_SIZE),
+        ("video_preprocessor_config.json", REAL_VIDEO_SIZE),
+    ):
+        raw = json.loads((out / name).read_text())
+        raw["size"] = dict(size)
+        if "max_image_size" in raw:  # the video processor's cap on one frame
+            raw["max_image_size"] = {"longest_edge": size["longest_edge"]}
+        (out / name).write_text(json.dumps(raw, indent=2) + "\n")
     return out
 
 

@@ -43,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="requests queued behind the running batch before RESOURCE_EXHAUSTED",
     )
     g.add_argument("--max-message-bytes", type=int, default=srv.max_message_bytes)
+    g.add_argument(
+        "--stats-log-interval",
+        type=float,
+        default=srv.stats_log_interval_s,
+        help="seconds between engine throughput lines in the log (0: none)",
+    )
     add_process_arguments(g, srv.metrics_port, srv.shutdown_drain_s, srv.shutdown_grace_s)
     g = parser.add_argument_group("encoders")
     g.add_argument(
@@ -94,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> DecoderServiceConfig:
             served_model_name=args.served_model_name,
             max_message_bytes=args.max_message_bytes,
             max_waiting_requests=args.max_waiting_requests,
+            stats_log_interval_s=args.stats_log_interval,
             enable_metrics=args.enable_metrics,
             metrics_port=args.metrics_port,
             shutdown_drain_s=args.shutdown_drain_s,

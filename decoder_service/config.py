@@ -53,6 +53,8 @@ class ServerConfig:
     max_waiting_requests: int = 1024
     enable_metrics: bool = False
     metrics_port: int = 9400
+    # Seconds between engine throughput lines in the log; 0 turns them off.
+    stats_log_interval_s: float = 10.0
     # Shutdown: NOT_SERVING is visible this long before the server stops taking calls ...
     shutdown_drain_s: float = 5.0
     # ... then in-flight Generate calls get this long to finish (together within 30 s, the
@@ -64,6 +66,8 @@ class ServerConfig:
             raise ValueError("max_waiting_requests must be >= 1 and max_message_bytes >= 1 MiB")
         if self.shutdown_drain_s < 0 or self.shutdown_grace_s < 0:
             raise ValueError("shutdown times must not be negative")
+        if self.stats_log_interval_s < 0:
+            raise ValueError("stats_log_interval_s must not be negative")
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,18 @@ Contract: ``DecoderMetrics`` owns a private registry. ``observe_step(stats, outp
 by the engine thread after every step (gauges for running/waiting requests and KV usage,
 counters fed from the engine's cumulative preemption and prefix-cache numbers, token counters);
 ``RequestTimer`` records one request's time to first token, time per output token, queue time
-and end-to-end latency and its finish reason. Labels: ``model_name`` and ``finished_reason`` only
-(never request ids). ``serve_http(port)`` exposes them on /metrics.
+and end-to-end latency and its finish reason. Labels: ``model_name``, ``finished_reason`` and a
+step's ``kind`` (decode / mixed) only (never request ids). ``serve_http(port)`` exposes them on
+/metrics. ``StepLog`` (no Prometheus needed) logs one line of engine throughput every interval,
+like vLLM's periodic stats line.
 Not here: deciding what a request is (servicer.py), the engine itself.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -19,6 +23,9 @@ from decoder_service.engine.engine import EngineStats, RequestOutput
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 640)
 _TOKEN_LATENCY = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_STEP_TOKENS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+log = logging.getLogger(__name__)
 
 
 class DecoderMetrics:
@@ -115,6 +122,20 @@ class DecoderMetrics:
             buckets=_LATENCY,
             registry=r,
         ).labels(model_name)
+        self.step_seconds = Histogram(
+            "vlm:engine_step_seconds",
+            "Wall time of one engine step; decode: one token per request, mixed: prefill in it.",
+            [*m, "kind"],
+            buckets=_TOKEN_LATENCY,
+            registry=r,
+        )
+        self.step_tokens = Histogram(
+            "vlm:iteration_tokens_total",
+            "Tokens computed in one engine step.",
+            m,
+            buckets=_STEP_TOKENS,
+            registry=r,
+        ).labels(model_name)
         self._last = EngineStats(0, 0, 0.0, 0, 0, 0, 0)
 
     def observe_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
@@ -132,9 +153,64 @@ class DecoderMetrics:
         generated = sum(len(o.new_token_ids) for o in outputs)
         if generated:
             self.generation_tokens.inc(generated)
+        step = stats.last_step
+        if step is not None:
+            self.step_seconds.labels(self.model_name, step.kind).observe(step.seconds)
+            self.step_tokens.observe(step.num_tokens)
 
     def serve_http(self, port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host, registry=self.registry)
+
+
+@dataclass
+class _KindTotals:
+    steps: int = 0
+    seconds: float = 0.0
+    tokens: int = 0
+    max_seconds: float = 0.0
+
+
+class StepLog:
+    """Logs, every ``interval_s`` with steps in it, the steps of each kind (count, mean and
+    longest wall time, tokens computed), tokens generated per second, and the running, waiting
+    and KV figures at the end of the interval. Engine thread only."""
+
+    def __init__(self, interval_s: float, clock=time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._start = clock()
+        self._kinds: dict[str, _KindTotals] = {}
+        self._generated = 0
+
+    def observe_step(self, stats: EngineStats, outputs: list[RequestOutput]) -> None:
+        step = stats.last_step
+        if step is not None:
+            t = self._kinds.setdefault(step.kind, _KindTotals())
+            t.steps += 1
+            t.seconds += step.seconds
+            t.tokens += step.num_tokens
+            t.max_seconds = max(t.max_seconds, step.seconds)
+        self._generated += sum(len(o.new_token_ids) for o in outputs)
+        now = self._clock()
+        elapsed = now - self._start
+        if elapsed < self.interval_s:
+            return
+        if self._kinds:
+            log.info("%s", self.summary(stats, elapsed))
+        self._start, self._kinds, self._generated = now, {}, 0
+
+    def summary(self, stats: EngineStats, elapsed: float) -> str:
+        parts = [
+            f"{kind} {t.steps} steps ({1e3 * t.seconds / t.steps:.1f} ms mean, "
+            f"{1e3 * t.max_seconds:.1f} max, {t.tokens / t.steps:.0f} tokens)"
+            for kind, t in sorted(self._kinds.items())
+        ]
+        busy = sum(t.seconds for t in self._kinds.values())
+        return (
+            f"engine over {elapsed:.1f} s: {', '.join(parts)}; busy {100 * busy / elapsed:.0f}%; "
+            f"generation {self._generated / elapsed:.1f} tok/s; running {stats.num_running}, "
+            f"waiting {stats.num_waiting}, KV {100 * stats.kv_usage:.1f}%"
+        )
 
 
 class RequestTimer:

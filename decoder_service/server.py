@@ -32,7 +32,7 @@ from decoder_service.engine.cli_args import resolve_device
 from decoder_service.engine.sampling_params import SamplingParams
 from decoder_service.engine_loop import EngineLoop, EngineRequest
 from decoder_service.media_dispatch import MediaDispatcher
-from decoder_service.metrics import DecoderMetrics
+from decoder_service.metrics import DecoderMetrics, StepLog
 from decoder_service.model_host import LoadedModel, load_engine
 from decoder_service.servicer import DecoderServicer, Runtime
 from decoder_service.token_text import TokenText
@@ -50,6 +50,8 @@ class DecoderServer:
         self.health = HealthServicer()
         self.runtime: Runtime | None = None
         self.metrics: DecoderMetrics | None = None
+        interval = config.server.stats_log_interval_s
+        self._step_log = StepLog(interval) if interval > 0 else None
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         device = resolve_device(config.engine.load.device)
@@ -147,11 +149,16 @@ class DecoderServer:
         media = cfg.engine.media
         tokenizer = loaded.processor.tokenizer
         token_text = TokenText(tokenizer)
-        metrics = self.metrics
+        observers = [o.observe_step for o in (self.metrics, self._step_log) if o is not None]
+
+        def on_step(stats, outputs) -> None:
+            for observe in observers:
+                observe(stats, outputs)
+
         loop = EngineLoop(
             engine,
             lambda tid, skip: tokenizer.decode([tid], skip_special_tokens=skip),
-            metrics.observe_step if metrics is not None else None,
+            on_step if observers else None,
         )
         modalities = ("text", "image", "video") if self._pool.enabled else ("text",)
         model = convert.ServedModel(
@@ -173,7 +180,7 @@ class DecoderServer:
             mm_timeout_s=cfg.encoders.mm_per_request_timeout_s,
             max_active=cfg.engine.scheduler.max_running_requests + cfg.server.max_waiting_requests,
             kv_capacity=engine.kv.num_blocks * cfg.engine.cache.block_size,
-            metrics=metrics,
+            metrics=self.metrics,
         )
 
     async def stop(self, grace_s: float | None = None) -> None:

@@ -84,7 +84,7 @@ def w8a16_linear(
         x = x.contiguous()
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     scale = scale.reshape(n)
-    block_n, block_k, warps, stages, *rest = tiles or _tiles(n, k)
+    block_n, block_k, warps, stages, *rest = tiles or _tiles(m, n, k)
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     steps = triton.cdiv(k, block_k)
     split = max(1, min(rest[0] if rest else 1, steps))
@@ -112,12 +112,15 @@ def w8a16_linear(
     return out
 
 
-def _tiles(n: int, k: int) -> tuple[int, int, int, int, int]:
-    # (block_n, block_k, warps, stages, split_k): the fastest of a small sweep at batch 1 on an
-    # H200 (GLM-4.5V projection shapes): wide outputs keep a 256 reduction step, narrow ones
-    # (N 2816-4096) stream longer K runs. NOTE: split_k is 1 everywhere until the sweep
-    # (``bench/kernels_bench.py --w8a16-sweep``) has measured the splits on a GPU.
-    return (32, 256, 4, 3, 1) if n >= 8192 else (32, 512, 4, 5, 1)
+def _tiles(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    # (block_n, block_k, warps, stages, split_k): the fastest of ``bench/kernels_bench.py
+    # --w8a16-sweep`` on an H200 at GLM-4.5V projection shapes, 2026-12-02. Wide outputs keep a
+    # 256 reduction step and split K in two for a single row (qkv 25.7 -> 23.8 us, gate/up 36.1 ->
+    # 34.6 us); narrow outputs (N 4096, K 11-12k) split K four ways (o_proj at M=1 26.0 -> 21.8 us,
+    # MLP down 27.6 -> 19.5 us; at M=32 with 64-wide tiles 49.5 -> 37.8 and 53.3 -> 34.5 us).
+    if n >= 8192:
+        return (32, 256, 4, 3, 2 if m <= BLOCK_M else 1)
+    return (32, 256, 4, 3, 4) if m <= BLOCK_M else (64, 256, 4, 3, 4)
 
 
 if triton is not None:

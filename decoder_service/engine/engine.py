@@ -23,6 +23,7 @@ chat templates and media decoding belong to the callers (``generate.py``, the de
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -85,6 +86,16 @@ class CompletedRequest:
 
 
 @dataclass(frozen=True)
+class StepRecord:
+    """What the last step computed and how long it took."""
+
+    kind: str  # "decode": one token per request (CUDA-graph eligible); "mixed": prefill tokens too
+    num_seqs: int
+    num_tokens: int
+    seconds: float  # from its launch (or the previous step's result, if later) to its result
+
+
+@dataclass(frozen=True)
 class EngineStats:
     num_running: int  # requests holding KV blocks
     num_waiting: int  # queued, preempted or waiting for media
@@ -93,11 +104,13 @@ class EngineStats:
     num_preemptions: int  # since start
     prefix_queries: int  # prompt tokens looked up in the prefix cache, since start
     prefix_hits: int  # of which found
+    last_step: StepRecord | None = None  # None before the first step, or after an idle one
 
 
 class _InFlight(NamedTuple):
     scheduled: SchedulerOutput  # the step
     pending: PendingStep | GuardedStep  # its launch; ``result()`` waits for the device
+    launched_at: float  # time.perf_counter()
 
 
 class LLMEngine:
@@ -163,6 +176,8 @@ class LLMEngine:
         self._token_bytes = None if tokenizer is None else TokenBytes.of(tokenizer)
         self._aborted: list[Request] = []
         self._in_flight: _InFlight | None = None  # the step launched ahead (overlap_outputs)
+        self.last_step: StepRecord | None = None
+        self._last_result_at = 0.0  # perf_counter() when the last step's result came
         self.idle = False
 
     def _configure_decode(self, settings: DecodeSettings) -> None:
@@ -250,15 +265,27 @@ class LLMEngine:
             num_preemptions=self.scheduler.num_preemptions,
             prefix_queries=self.kv.prefix_queries,
             prefix_hits=self.kv.prefix_hits,
+            last_step=self.last_step,
         )
 
     # ---- the loop ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        scheduled, pending = self._in_flight or self._launch()
+        scheduled, pending, launched_at = self._in_flight or self._launch()
         self._in_flight = None
         self.idle = scheduled.is_empty  # nothing could run (e.g. all wait for media)
         result = pending.result()
+        done = time.perf_counter()
+        self.last_step = None
+        if not self.idle:
+            n_seqs, n_tokens = len(scheduled.sequences), scheduled.num_batched_tokens
+            self.last_step = StepRecord(
+                "decode" if n_tokens == n_seqs else "mixed",
+                n_seqs,
+                n_tokens,
+                done - max(launched_at, self._last_result_at),
+            )
+        self._last_result_at = done
         updates = self.scheduler.update_from_output(scheduled, result.sampled)
         if self.config.execution.overlap_outputs and self.scheduler.has_unfinished:
             # NOTE: the next step is scheduled and queued before this one's outputs are built. A
@@ -268,8 +295,9 @@ class LLMEngine:
         return self._outputs(updates, result)
 
     def _launch(self) -> _InFlight:
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        return _InFlight(scheduled, self.executor.launch(scheduled))
+        return _InFlight(scheduled, self.executor.launch(scheduled), start)
 
     def close(self) -> None:
         """Stop the worker ranks of a tensor-parallel engine (nothing to do in one process)."""

@@ -28,3 +28,16 @@ def test_padded_vocabulary_decodes_every_id_and_keeps_special_ids(tmp_path):
         assert tok.decode([token_id]).strip(), token_id  # a word, not an empty string
     spellings = {tok.id_to_token(i) for i in range(vocab)}
     assert len(spellings) == vocab  # one distinct token per id
+
+
+def test_processor_budgets_are_the_released_checkpoints(tmp_path):
+    from models.glm4v.processing.image import smart_resize
+    from models.glm4v.processing.processor_config import load_processor_config
+
+    out = write_scaled_checkpoint(tmp_path / "scaled", layers=1, vision_depth=1)
+    image = load_processor_config(out).image
+    assert (image.min_pixels, image.max_pixels) == (12544, 9633792)
+    # a 12-megapixel photo is cut to the 6,144-token budget, not to the tiny checkpoint's 64
+    h, w = smart_resize(2, 3024, 4032, 28, image.min_pixels, image.max_pixels, 2)
+    tokens = (h // 28) * (w // 28)
+    assert 5000 < tokens <= 6144

@@ -114,10 +114,14 @@ def _assert_w8a8(got, x, q13, s13, q2, s2, route, expert_start: int = 0) -> None
     assert got.dtype == torch.float32 and got.shape == want.shape
     scale = want.abs().max()
     assert scale > 0.1
-    # interpreted (exact e4m3 products, torch's casts) only float32 summation order remains; on
-    # a GPU a bfloat16 h one ulp apart can move an e4m3 code one step
-    tol = 1e-5 if INTERPRETED else 1e-2
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale.item())
+    if INTERPRETED:  # exact e4m3 products and torch's casts: only float32 summation order left
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale.item())
+    else:
+        # on a GPU a bfloat16 h one ulp apart can move an e4m3 code, or its row's scale, one
+        # step (measured on an H200: 0.2% of outputs off by up to 3% of the largest); the check
+        # against unquantised h below bounds how far those go
+        close = torch.isclose(got, want, rtol=1e-2, atol=1e-2 * scale.item())
+        assert close.float().mean().item() >= 0.99
     # the same layer without quantised h: the e4m3 rounding of h is all that separates them
     xq = quant_fp8_per_token_reference(x)
     loose = experts_reference(
