@@ -148,7 +148,7 @@ class DecodeGraphs:
         v, meta = self.buffers.batch(size), self.meta(size)
         # the SDPA path caches a gather plan built from the step's values on the metadata;
         # this metadata outlives the step (the kernel path caches nothing)
-        meta._decode_plan = None
+        meta._decode_plan = meta._decode_rows = None
         hidden = self.model(v.ids, v.positions, meta)  # [size, H]
         if self._logits is None:  # the first (eager) forward learns the vocabulary width
             logits = self.model.compute_logits(hidden)

@@ -8,9 +8,12 @@ sequence's context holds 1e3-scale values, so a path that reads past the context
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
+from models.layers import attention
 from models.layers.attention import Attention, AttentionMetadata, is_pure_decode
 
 HQ, HK, D, BLOCK, NUM_BLOCKS = 8, 2, 16, 4, 96
@@ -108,7 +111,7 @@ def test_batched_decode_matches_softmax_reference(lens_k: list[int]) -> None:
     torch.testing.assert_close(got.view(-1, HQ, D), per_seq, rtol=0, atol=1e-6)
 
 
-def test_mixed_prefill_chunks_and_decode_tokens_match_reference() -> None:
+def test_mixed_prefill_chunks_and_decode_tokens_match_reference(monkeypatch) -> None:
     lens_q = [6, 1, 9, 1, 3]  # a fresh prompt, decodes and chunks continuing a cached prefix
     lens_k = [6, 14, 21, 3, 3]
     meta = _meta(lens_q, lens_k, _tables(lens_k, seed=4))
@@ -116,8 +119,65 @@ def test_mixed_prefill_chunks_and_decode_tokens_match_reference() -> None:
     q, k, v = _inputs(sum(lens_q), seed=5)
     assert not is_pure_decode(q.shape[0], meta)
     want = _reference(layer, q, k, v, meta)
+    got = layer(q, k, v, meta).view(-1, HQ, D)  # CPU default: every sequence on its own
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    meta._decode_rows = None
+    batches = _spy_decode(layer, monkeypatch)
     got = layer(q, k, v, meta).view(-1, HQ, D)
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    assert batches == [2]  # the two one-token sequences (rows 6 and 16) in one decode batch
+
+
+def _spy_decode(layer: Attention, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records the batch size of every decode-path call the layer makes, batching the decode
+    rows of mixed batches on the CPU as on CUDA."""
+    monkeypatch.setattr(attention, "_batch_decodes", lambda q: True)
+    sizes: list[int] = []
+    original = layer._decode
+    layer._decode = lambda q, meta: sizes.append(q.shape[0]) or original(q, meta)
+    return sizes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("lens_q", "lens_k"),
+    [
+        # the scheduler's order: running decodes first (rows by a slice), then chunks and prompts
+        ([1, 1, 1, 1, 8, 5], [9, 40, 2, 17, 8, 29]),
+        # a new one-token prompt after the prefills (rows by an index)
+        ([1, 1, 1, 1, 8, 5, 1], [9, 40, 2, 17, 8, 29, 1]),
+    ],
+    ids=["slice", "index"],
+)
+def test_running_decodes_ahead_of_prefills_attend_in_one_batch(
+    lens_q: list[int], lens_k: list[int], dtype: torch.dtype, monkeypatch
+) -> None:
+    meta = _meta(lens_q, lens_k, _tables(lens_k, seed=21))
+    layer = _layer(meta, seed=20, dtype=dtype)
+    q, k, v = _inputs(sum(lens_q), seed=22, dtype=dtype)
+    want = _reference(layer, q, k, v, meta)
+    batches = _spy_decode(layer, monkeypatch)
+    got = layer(q, k, v, meta).view(-1, HQ, D)
+    atol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=atol)
+    assert batches == [lens_q.count(1)]
+    rows = meta._decode_rows.rows
+    assert isinstance(rows, slice) == (lens_q[-1] != 1)
+    # a second layer of the same step reuses the batch the first one built
+    built = meta._decode_rows
+    layer(q, k, v, meta)
+    assert meta._decode_rows is built and batches == [lens_q.count(1)] * 2
+
+
+def test_a_lone_decode_among_prefills_runs_with_them(monkeypatch) -> None:
+    lens_q, lens_k = [1, 6], [12, 6]
+    meta = _meta(lens_q, lens_k, _tables(lens_k, seed=24))
+    layer = _layer(meta, seed=23)
+    q, k, v = _inputs(sum(lens_q), seed=25)
+    batches = _spy_decode(layer, monkeypatch)
+    got = layer(q, k, v, meta).view(-1, HQ, D)
+    torch.testing.assert_close(got.double(), _reference(layer, q, k, v, meta), rtol=0, atol=1e-5)
+    assert batches == []  # one sequence gains nothing from a batch of its own
 
 
 def test_cache_free_prefill_is_causal_per_sequence() -> None:
@@ -156,3 +216,23 @@ def test_cuda_bf16_decode_matches_per_sequence_path() -> None:
     got = layer._sdpa_decode(q, meta)
     want = layer._sdpa_per_sequence(q, k, v, meta)
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_mixed_batch_decodes_on_the_kernel_match_the_reference(monkeypatch) -> None:
+    monkeypatch.setattr(sys.modules[__name__], "BLOCK", 16)  # the kernel needs 16-token blocks
+    lens_q = [1, 1, 1, 12, 1]
+    lens_k = [130, 17, 64, 40, 5]
+    meta = _meta(lens_q, lens_k, _tables(lens_k, seed=31))
+    layer = _layer(meta, seed=30, dtype=torch.bfloat16)
+    q, k, v = _inputs(sum(lens_q), seed=32, dtype=torch.bfloat16)
+    want = _reference(layer, q, k, v, meta)
+    layer.kv_cache = layer.kv_cache.cuda()
+    meta.cu_seqlens_q, meta.seq_lens_k = meta.cu_seqlens_q.cuda(), meta.seq_lens_k.cuda()
+    meta.slot_mapping, meta.block_tables = meta.slot_mapping.cuda(), meta.block_tables.cuda()
+    kernel_calls = []
+    original = layer._paged_decode
+    layer._paged_decode = lambda q, m: kernel_calls.append(q.shape[0]) or original(q, m)
+    got = layer(q.cuda(), k.cuda(), v.cuda(), meta).view(-1, HQ, D)
+    assert kernel_calls == [4]
+    torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=3e-2)
