@@ -176,7 +176,13 @@ class EngineLoop:
             try:
                 outputs = self.engine.step()
             except Exception:  # noqa: BLE001 - a failed step leaves the engine unusable
-                log.exception("engine step failed; failing every request")
+                launched = self.engine.last_launched
+                # NOTE: CUDA reports a kernel's fault at a later call; CUDA_LAUNCH_BLOCKING=1
+                # makes the traceback name the kernel
+                log.exception(
+                    "engine step failed (last step launched: %s); failing every request",
+                    launched.describe() if launched is not None else "none",
+                )
                 self.dead = True
                 self._call(self._fail_all, internal("the engine failed"))
                 return

@@ -177,6 +177,7 @@ class LLMEngine:
         self._aborted: list[Request] = []
         self._in_flight: _InFlight | None = None  # the step launched ahead (overlap_outputs)
         self.last_step: StepRecord | None = None
+        self.last_launched: SchedulerOutput | None = None
         self._last_result_at = 0.0  # perf_counter() when the last step's result came
         self.idle = False
 
@@ -297,6 +298,7 @@ class LLMEngine:
     def _launch(self) -> _InFlight:
         start = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        self.last_launched = scheduled  # what a failing step was (the loop logs it)
         return _InFlight(scheduled, self.executor.launch(scheduled), start)
 
     def close(self) -> None:

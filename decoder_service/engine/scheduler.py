@@ -65,6 +65,18 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.sequences
 
+    def describe(self) -> str:
+        """One line for logs: what the step computes."""
+        seqs = self.sequences
+        decodes = sum(1 for s in seqs if len(s.token_ids) == 1)
+        chunks = sum(1 for s in seqs if len(s.token_ids) > 1 and s.start > 0)
+        longest = max((s.start + len(s.token_ids) for s in seqs), default=0)
+        return (
+            f"{len(seqs)} sequences, {self.num_batched_tokens} tokens: {decodes} one-token, "
+            f"{chunks} continuing a cached prefix, {len(self.new_requests)} new; "
+            f"longest context {longest}"
+        )
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:

@@ -69,3 +69,48 @@ def test_step_histograms_are_exported():
     assert reg.get_sample_value("vlm:engine_step_seconds_count", labels) == 1
     assert reg.get_sample_value("vlm:engine_step_seconds_sum", {**labels, "kind": "mixed"}) == 0.2
     assert reg.get_sample_value("vlm:iteration_tokens_total_sum", {"model_name": "m"}) == 708
+
+
+def test_a_failing_step_fails_every_stream_and_names_the_step(ours, caplog):
+    import asyncio
+
+    from decoder_service.engine_loop import EngineLoop, EngineRequest
+    from decoder_service.errors import ServiceError
+
+    engine = make_engine(ours)
+    launch = engine.executor.launch
+    calls = []
+
+    def launch_then_fail(scheduled):
+        calls.append(scheduled)
+        seqs = scheduled.sequences
+        if len(seqs) == 2 and all(len(s.token_ids) == 1 for s in seqs):  # both decoding
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return launch(scheduled)
+
+    engine.executor.launch = launch_then_fail
+    caplog.set_level(logging.ERROR, logger="decoder_service.engine_loop")
+
+    async def scenario():
+        loop = EngineLoop(engine, lambda tid, skip: "")
+        loop.start()
+        streams = [
+            await loop.submit(EngineRequest(f"r{i}", list(range(10 + i, 30)), greedy(50)))
+            for i in range(2)
+        ]
+        errors = []
+        for stream in streams:
+            with pytest.raises(ServiceError) as info:
+                while (await asyncio.wait_for(stream.next(), 10)).finish_reason is None:
+                    pass
+            errors.append(info.value)
+        await loop.stop()
+        return loop, errors
+
+    loop, errors = asyncio.run(scenario())
+    assert loop.dead and all("engine failed" in str(e) for e in errors)
+    (record,) = [r for r in caplog.records if "engine step failed" in r.getMessage()]
+    # the step that broke: two decodes, nothing new
+    assert "2 sequences, 2 tokens: 2 one-token, 0 continuing a cached prefix, 0 new" in (
+        record.getMessage()
+    )
