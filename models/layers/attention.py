@@ -37,6 +37,11 @@ from kernels import rotary as rotary_kernel
 from kernels.dispatch import triton_enabled
 from kernels.paged_attention import paged_decode_attention, triton
 
+try:  # torch >= 2.3
+    from torch.nn.attention.bias import causal_lower_right
+except ImportError:  # pragma: no cover - depends on the torch build
+    causal_lower_right = None
+
 try:  # optional GPU dependency
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # type: ignore
 except ImportError:  # pragma: no cover - depends on the machine
@@ -327,8 +332,14 @@ class Attention(torch.nn.Module):
         n_q, n_k = q.shape[0], k.shape[2]
         mask = None
         if n_q != n_k:
-            # query j sees keys [0, n_k - n_q + j]; SDPA's is_causal aligns top-left instead
-            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            # query j sees keys [0, n_k - n_q + j]; SDPA's is_causal aligns top-left instead.
+            # torch's lower-right causal bias runs on the flash / memory-efficient kernels on
+            # CUDA without building the [n_q, n_k] mask (CPU materialises it, as before)
+            mask = (
+                causal_lower_right(n_q, n_k)
+                if causal_lower_right is not None
+                else torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+            )
         gqa = mask is None and _native_gqa(q)
         if not gqa:
             groups = self.num_heads // self.num_kv_heads
