@@ -17,12 +17,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 from encoder_service.config import MediaLimits
 from encoder_service.errors import invalid
 from encoder_service.items import MediaItem, Modality
 from models.glm4v.config import ModelConfig
 from models.glm4v.errors import MediaError
-from models.glm4v.processing.image import VisionInput, preprocess_image
+from models.glm4v.processing.image import VisionInput, preprocess_rgb
 from models.glm4v.processing.media import VideoLimits, decode_image, decode_video
 from models.glm4v.processing.processor_config import ImageLimits, ProcessorConfig, VideoSampling
 from models.glm4v.processing.video import preprocess_video
@@ -95,11 +97,12 @@ class MediaPreparer:
             raise invalid(str(exc)) from None
 
     def _prepare_image(self, data: bytes, limits: ImageLimits) -> PreparedMedia:
-        img = decode_image(data, max_pixels=self.limits.max_image_pixels)
+        img = decode_image(data, max_pixels=self.limits.max_image_pixels)  # RGB
+        rgb = np.array(img)  # [H, W, 3] uint8
         h = self._hasher(b"image")
         h.update(repr((limits, img.mode, img.size)).encode())
-        h.update(img.tobytes())
-        return PreparedMedia(preprocess_image(img, limits), h.hexdigest())
+        h.update(memoryview(rgb).cast("B"))  # the pixels, no bytes copy
+        return PreparedMedia(preprocess_rgb(rgb, limits), h.hexdigest())
 
     def _prepare_video(
         self, data: bytes, limits: ImageLimits, sampling: VideoSampling

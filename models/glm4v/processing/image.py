@@ -6,7 +6,11 @@ image: RGB conversion (transparency composited on white), ``smart_resize`` to mu
 antialiased bicubic resize of the uint8 image, (x - 255*mean) / (255*std) in float32, then patches
 of (C, T=2, 14, 14) with the frame duplicated across T, ordered (h/2, w/2, 2, 2). ``smart_resize``
 raises ``ImageSizeError`` for a zero-area image or an aspect ratio above 200.
-``patchify`` and ``normalize`` are shared with ``video.py``.
+``patch_values`` (uint8 frames -> normalised patches) is shared with ``video.py``: it lays the
+uint8 values out in patch order first and normalises in that layout, the same arithmetic per
+value as ``normalize`` then ``patchify`` (which the demo renderer uses on float frames) on a
+quarter of the bytes moved; the resize reads the decoded HWC array through a channels-last view
+(torch's fast uint8 path) and only its smaller or equal output is made NCHW.
 
 Not here: decoding bytes (``media.py``), frame sampling (``video.py``), token counting for prompts
 beyond ``VisionInput.num_tokens``.
@@ -126,17 +130,36 @@ def patchify(frames: torch.Tensor, limits: ImageLimits) -> tuple[torch.Tensor, i
     return x.reshape(gt * gh * gw, c * tp * p * p), gt, gh, gw
 
 
+def patch_values(frames: torch.Tensor, limits: ImageLimits) -> tuple[torch.Tensor, int, int, int]:
+    """uint8 frames [F, C, H, W] (F a multiple of T; contiguous rows are fastest) -> (float32 patches
+    [F/T*gh*gw, C*T*P*P], grid_t, gh, gw): ``patchify(normalize(frames))``, value for value."""
+    n, c, h, w = frames.shape
+    p, m, tp = limits.patch_size, limits.merge_size, limits.temporal_patch_size
+    gt, gh, gw = n // tp, h // p, w // p
+    x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, c, tp * p * p)  # uint8 copy
+    scale = 1.0 / limits.rescale_factor
+    mean = (torch.tensor(limits.image_mean, device=x.device) * scale).view(1, -1, 1)
+    std = (torch.tensor(limits.image_std, device=x.device) * scale).view(1, -1, 1)
+    values = x.to(torch.float32).sub_(mean).div_(std)
+    return values.view(gt * gh * gw, c * tp * p * p), gt, gh, gw
+
+
 def preprocess_image(img: Image.Image, limits: ImageLimits) -> VisionInput:
-    rgb = np.array(to_rgb(img))  # [H, W, 3] uint8
-    frame = torch.from_numpy(rgb).permute(2, 0, 1).contiguous().unsqueeze(0)  # [1, 3, H, W]
+    return preprocess_rgb(np.array(to_rgb(img)), limits)
+
+
+def preprocess_rgb(rgb: np.ndarray, limits: ImageLimits) -> VisionInput:
+    """``preprocess_image`` of an image already decoded to a [H, W, 3] uint8 RGB array."""
+    frame = torch.from_numpy(rgb).unsqueeze(0).permute(0, 3, 1, 2)  # [1, 3, H, W] channels-last
     height, width = rgb.shape[:2]
     tp = limits.temporal_patch_size
     rh, rw = smart_resize(
         tp, height, width, limits.factor, limits.min_pixels, limits.max_pixels, tp
     )
-    pixels = normalize(resize_uint8(frame, rh, rw), limits)
     # a still image fills every temporal slot of its patch with the same frame
-    patches, gt, gh, gw = patchify(pixels.expand(tp, -1, -1, -1), limits)
+    resized = resize_uint8(frame, rh, rw).contiguous()  # W innermost: the patch rows' order
+    patches, gt, gh, gw = patch_values(resized.expand(tp, -1, -1, -1), limits)
     return VisionInput(
         pixel_values=patches,
         grid_thw=(gt, gh, gw),

@@ -30,8 +30,7 @@ import torch
 from models.glm4v.errors import VideoDecodeError
 from models.glm4v.processing.image import (
     VisionInput,
-    normalize,
-    patchify,
+    patch_values,
     resize_uint8,
     smart_resize,
 )
@@ -131,7 +130,7 @@ def preprocess_video(
     if len(frames) == 0 or len(frames) != len(frame_indices):
         raise VideoDecodeError("video has no frames to process")
     stack = torch.from_numpy(np.stack([np.asarray(f) for f in frames]))  # [F, H, W, 3]
-    video = stack.permute(0, 3, 1, 2).contiguous()  # [F, 3, H, W] uint8
+    video = stack.permute(0, 3, 1, 2)  # [F, 3, H, W] uint8, channels-last (the fast resize)
     indices = list(frame_indices)
     tp = limits.temporal_patch_size
     if pad := -video.shape[0] % tp:
@@ -141,8 +140,7 @@ def preprocess_video(
     rh, rw = smart_resize(
         video.shape[0], height, width, limits.factor, limits.min_pixels, limits.max_pixels, tp
     )
-    pixels = normalize(resize_uint8(video, rh, rw), limits)
-    patches, gt, gh, gw = patchify(pixels, limits)
+    patches, gt, gh, gw = patch_values(resize_uint8(video, rh, rw).contiguous(), limits)
     return VisionInput(
         pixel_values=patches,
         grid_thw=(gt, gh, gw),
