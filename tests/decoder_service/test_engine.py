@@ -10,6 +10,8 @@ added, given media or aborted between steps end with the same tokens and texts.
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 from engine_reference import PromptSpec, draw_image, write_video
@@ -432,3 +434,64 @@ def test_overlap_with_requests_added_and_aborted_between_steps(ours, specs, expe
     assert done[1] == done[0]
     for i in (0, 3, 5, 8):
         assert done[1][str(i)][0] == expected[i]
+
+
+# Everything at once, as under a served load: requests arriving between steps, several of them
+# holding the same image (prefix-cache sharing while another request is still prefilling it),
+# embeddings attached late, prefills chunked by a small budget, a pool small enough to preempt,
+# and an abort. Every finished request must produce exactly its greedy tokens alone (the
+# transformers reference) and every block must come back.
+@pytest.mark.parametrize(("seed", "overlap"), [(0, False), (1, True), (2, True)])
+def test_staggered_shared_media_chunked_preempting_load_gives_identical_outputs(
+    ours, specs, expected, seed: int, overlap: bool
+):
+    rng = random.Random(seed)
+    # the image prompts three times each (two identical copies of one image in the set already)
+    order = [i for i, (spec, _) in enumerate(specs) if spec.items] * 3
+    order += [i for i, (spec, _) in enumerate(specs) if not spec.items]
+    rng.shuffle(order)
+    largest = max(-(-(len(s.prompt_ids) + n) // 4) for s, n in specs)  # blocks of the longest
+    engine = make_engine(
+        ours, block_size=4, num_blocks=largest + 8, max_num_batched_tokens=24, overlap=overlap
+    )
+    late: dict[str, list] = {}  # request id -> its media items, attached some steps later
+    rid_of: dict[str, int] = {}
+    aborted = f"r{rng.randrange(len(order))}"
+    pending = list(enumerate(order))
+    outputs: dict[str, list[int]] = {}
+    steps = 0
+    while pending or engine.has_unfinished_requests:
+        for _ in range(rng.randint(0, 3)):  # arrivals between steps
+            if not pending:
+                break
+            n, i = pending.pop(0)
+            rid = f"r{n}"
+            rid_of[rid] = i
+            spec, max_tokens = specs[i]
+            if spec.items and rng.random() < 0.4:
+                items = spec.fresh_items()
+                late[rid] = [(k, item.embeds) for k, item in enumerate(items)]
+                for item in items:
+                    item.embeds = None
+                engine.add_request(
+                    rid, spec.prompt_ids, greedy(max_tokens), items, spec.positions, spec.rope_delta
+                )
+            else:
+                add(engine, rid, spec, greedy(max_tokens))
+        for rid in [r for r in late if rng.random() < 0.3]:
+            for k, embeds in late.pop(rid):
+                if rid in engine.scheduler.requests:  # not the aborted one
+                    engine.attach_media(rid, k, embeds)
+        if steps == 5 and aborted in rid_of and aborted in engine.scheduler.requests:
+            engine.abort_request(aborted)
+        if not engine.has_unfinished_requests:
+            continue
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+        steps += 1
+        assert steps < 5000, "the load did not finish"
+    assert engine.scheduler.num_preemptions > 0  # the pool was small enough to preempt
+    assert engine.kv.pool.num_free_blocks == engine.kv.num_blocks  # nothing leaked
+    for rid, i in rid_of.items():
+        if rid != aborted:
+            assert outputs[rid] == expected[i], (rid, i)
