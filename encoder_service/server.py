@@ -141,7 +141,7 @@ class EncoderServer:
         try:
             tower = await asyncio.to_thread(load_tower, self.config.model)
             salt = model_salt(tower.model_config, tower.processor, self.config.store.hash_salt)
-            preparer = MediaPreparer(tower.processor, self.config.media, salt)
+            preparer = MediaPreparer(tower.processor, self.config.media, salt, raw_patches=True)
             batcher = VisionBatcher(
                 tower.encode, self.config.batch.max_batch_patches, self.metrics.observe_batch
             )

@@ -2,7 +2,8 @@
 
 Contract: ``load_tower(ModelLoad)`` returns a ``LoadedTower`` holding the checkpoint's model and
 processor configs and ``encode(pixel_values [N, patch_dim], grid_thw [M, 3]) -> [N/4, H]`` on the
-chosen device and dtype. ``resolve_device`` / ``resolve_dtype`` turn the "auto" settings into
+chosen device and dtype; uint8 ``pixel_values`` (``MediaPreparer(raw_patches=True)``) are copied
+to the device as they are and normalised there with the image processor's constants. ``resolve_device`` / ``resolve_dtype`` turn the "auto" settings into
 concrete ones. Batching, caching and serving do not belong here.
 """
 
@@ -15,6 +16,7 @@ import torch
 from encoder_service.config import ModelLoad
 from models.glm4v.config import ModelConfig, load_model_config
 from models.glm4v.loader import load_model
+from models.glm4v.processing.image import normalize_patches
 from models.glm4v.processing.processor_config import ProcessorConfig, load_processor_config
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -45,9 +47,13 @@ class LoadedTower:
 
     def encode(
         self,
-        pixel_values: torch.Tensor,  # [N, patch_dim] float32, cpu
+        pixel_values: torch.Tensor,  # [N, patch_dim] float32, or uint8 not yet normalised; cpu
         grid_thw: torch.Tensor,  # [M, 3] int64
     ) -> torch.Tensor:  # [N / merge**2, out_hidden] self.dtype on self.device
+        if pixel_values.dtype == torch.uint8:
+            # a quarter of the bytes to copy; normalised here as the processor would have
+            raw = pixel_values.to(self.device, non_blocking=True)
+            pixel_values = normalize_patches(raw, self.processor.image)
         x = pixel_values.to(self.device, self.dtype, non_blocking=True)
         return self.tower(x, grid_thw)
 

@@ -46,11 +46,27 @@ class PreparedMedia:
     content_hash: str  # hex
 
 
+def same_normalization(a: ImageLimits, b: ImageLimits) -> bool:
+    return (a.rescale_factor, a.image_mean, a.image_std) == (
+        b.rescale_factor,
+        b.image_mean,
+        b.image_std,
+    )
+
+
 class MediaPreparer:
-    def __init__(self, processor: ProcessorConfig, limits: MediaLimits, salt: bytes) -> None:
+    def __init__(
+        self,
+        processor: ProcessorConfig,
+        limits: MediaLimits,
+        salt: bytes,
+        raw_patches: bool = False,  # uint8 pixel_values, normalised by the tower (tower.py)
+    ) -> None:
         self.processor = processor
         self.limits = limits
         self.salt = salt
+        # the tower normalises a whole batch with the image constants: videos must share them
+        self.raw_patches = raw_patches and same_normalization(processor.image, processor.video)
         self._video_limits = VideoLimits(max_frame_pixels=limits.max_image_pixels)
 
     def _hasher(self, kind: bytes) -> hashlib.blake2b:
@@ -102,7 +118,8 @@ class MediaPreparer:
         h = self._hasher(b"image")
         h.update(repr((limits, img.mode, img.size)).encode())
         h.update(memoryview(rgb).cast("B"))  # the pixels, no bytes copy
-        return PreparedMedia(preprocess_rgb(rgb, limits), h.hexdigest())
+        vision = preprocess_rgb(rgb, limits, normalized=not self.raw_patches)
+        return PreparedMedia(vision, h.hexdigest())
 
     def _prepare_video(
         self, data: bytes, limits: ImageLimits, sampling: VideoSampling
@@ -113,5 +130,7 @@ class MediaPreparer:
         for frame in video.frames:
             h.update(repr(frame.shape).encode())
             h.update(frame.tobytes())
-        vision = preprocess_video(video.frames, video.frame_indices, video.meta.fps, limits)
+        vision = preprocess_video(
+            video.frames, video.frame_indices, video.meta.fps, limits, not self.raw_patches
+        )
         return PreparedMedia(vision, h.hexdigest())

@@ -7,7 +7,8 @@ antialiased bicubic resize of the uint8 image, (x - 255*mean) / (255*std) in flo
 of (C, T=2, 14, 14) with the frame duplicated across T, ordered (h/2, w/2, 2, 2). ``smart_resize``
 raises ``ImageSizeError`` for a zero-area image or an aspect ratio above 200.
 ``patch_values`` (uint8 frames -> normalised patches) is shared with ``video.py``: it lays the
-uint8 values out in patch order first and normalises in that layout, the same arithmetic per
+uint8 values out in patch order first (``patch_layout``) and normalises in that layout
+(``normalize_patches``, which also runs on the tower's device for the encoder service), the same arithmetic per
 value as ``normalize`` then ``patchify`` (which the demo renderer uses on float frames) on a
 quarter of the bytes moved; the resize reads the decoded HWC array through a channels-last view
 (torch's fast uint8 path) and only its smaller or equal output is made NCHW.
@@ -36,7 +37,9 @@ MAX_ASPECT_RATIO = 200
 class VisionInput:
     """One preprocessed image or video, ready for the vision tower."""
 
-    pixel_values: torch.Tensor  # [t*h*w, C*T*P*P] float32, merge-block order
+    # [t*h*w, C*T*P*P] float32, merge-block order (uint8, not yet normalised, where the
+    # caller asked for ``normalized=False``)
+    pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]  # (temporal patches, patch rows, patch cols)
     modality: str  # "image" or "video"
     merge_size: int = 2
@@ -130,27 +133,43 @@ def patchify(frames: torch.Tensor, limits: ImageLimits) -> tuple[torch.Tensor, i
     return x.reshape(gt * gh * gw, c * tp * p * p), gt, gh, gw
 
 
-def patch_values(frames: torch.Tensor, limits: ImageLimits) -> tuple[torch.Tensor, int, int, int]:
-    """uint8 frames [F, C, H, W] (F a multiple of T; contiguous rows are fastest) -> (float32 patches
-    [F/T*gh*gw, C*T*P*P], grid_t, gh, gw): ``patchify(normalize(frames))``, value for value."""
+def patch_layout(frames: torch.Tensor, limits: ImageLimits) -> tuple[torch.Tensor, int, int, int]:
+    """uint8 frames [F, C, H, W] (F a multiple of T; contiguous rows are fastest) -> (uint8
+    patches [F/T*gh*gw, C*T*P*P], grid_t, gh, gw) in ``patchify``'s order, not yet normalised."""
     n, c, h, w = frames.shape
     p, m, tp = limits.patch_size, limits.merge_size, limits.temporal_patch_size
     gt, gh, gw = n // tp, h // p, w // p
     x = frames.reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, c, tp * p * p)  # uint8 copy
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, c * tp * p * p)  # one copy
+    return x, gt, gh, gw
+
+
+def normalize_patches(patches: torch.Tensor, limits: ImageLimits) -> torch.Tensor:
+    """uint8 patches [N, C*T*P*P] (``patch_layout``, on any device) -> float32, normalised with
+    the same arithmetic per value as ``normalize``."""
     scale = 1.0 / limits.rescale_factor
-    mean = (torch.tensor(limits.image_mean, device=x.device) * scale).view(1, -1, 1)
-    std = (torch.tensor(limits.image_std, device=x.device) * scale).view(1, -1, 1)
-    values = x.to(torch.float32).sub_(mean).div_(std)
-    return values.view(gt * gh * gw, c * tp * p * p), gt, gh, gw
+    mean = (torch.tensor(limits.image_mean, device=patches.device) * scale).view(1, -1, 1)
+    std = (torch.tensor(limits.image_std, device=patches.device) * scale).view(1, -1, 1)
+    n, c = patches.shape[0], len(limits.image_mean)
+    values = patches.view(n, c, -1).to(torch.float32).sub_(mean).div_(std)
+    return values.view(n, -1)
+
+
+def patch_values(frames: torch.Tensor, limits: ImageLimits) -> tuple[torch.Tensor, int, int, int]:
+    """uint8 frames [F, C, H, W] -> (float32 patches [F/T*gh*gw, C*T*P*P], grid_t, gh, gw):
+    ``patchify(normalize(frames))``, value for value."""
+    patches, gt, gh, gw = patch_layout(frames, limits)
+    return normalize_patches(patches, limits), gt, gh, gw
 
 
 def preprocess_image(img: Image.Image, limits: ImageLimits) -> VisionInput:
     return preprocess_rgb(np.array(to_rgb(img)), limits)
 
 
-def preprocess_rgb(rgb: np.ndarray, limits: ImageLimits) -> VisionInput:
-    """``preprocess_image`` of an image already decoded to a [H, W, 3] uint8 RGB array."""
+def preprocess_rgb(rgb: np.ndarray, limits: ImageLimits, normalized: bool = True) -> VisionInput:
+    """``preprocess_image`` of an image already decoded to a [H, W, 3] uint8 RGB array;
+    ``normalized=False`` leaves ``pixel_values`` uint8 for ``normalize_patches`` (on the
+    vision tower's device: a quarter of the bytes to copy there)."""
     frame = torch.from_numpy(rgb).unsqueeze(0).permute(0, 3, 1, 2)  # [1, 3, H, W] channels-last
     height, width = rgb.shape[:2]
     tp = limits.temporal_patch_size
@@ -159,7 +178,9 @@ def preprocess_rgb(rgb: np.ndarray, limits: ImageLimits) -> VisionInput:
     )
     # a still image fills every temporal slot of its patch with the same frame
     resized = resize_uint8(frame, rh, rw).contiguous()  # W innermost: the patch rows' order
-    patches, gt, gh, gw = patch_values(resized.expand(tp, -1, -1, -1), limits)
+    patches, gt, gh, gw = patch_layout(resized.expand(tp, -1, -1, -1), limits)
+    if normalized:
+        patches = normalize_patches(patches, limits)
     return VisionInput(
         pixel_values=patches,
         grid_thw=(gt, gh, gw),

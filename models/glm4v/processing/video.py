@@ -30,7 +30,8 @@ import torch
 from models.glm4v.errors import VideoDecodeError
 from models.glm4v.processing.image import (
     VisionInput,
-    patch_values,
+    normalize_patches,
+    patch_layout,
     resize_uint8,
     smart_resize,
 )
@@ -126,6 +127,7 @@ def preprocess_video(
     frame_indices: Sequence[int],  # source index of each frame (len F)
     fps: float,  # native fps, for timestamps
     limits: ImageLimits,
+    normalized: bool = True,  # False: uint8 ``pixel_values`` (see ``preprocess_rgb``)
 ) -> VisionInput:
     if len(frames) == 0 or len(frames) != len(frame_indices):
         raise VideoDecodeError("video has no frames to process")
@@ -140,7 +142,9 @@ def preprocess_video(
     rh, rw = smart_resize(
         video.shape[0], height, width, limits.factor, limits.min_pixels, limits.max_pixels, tp
     )
-    patches, gt, gh, gw = patch_values(resize_uint8(video, rh, rw).contiguous(), limits)
+    patches, gt, gh, gw = patch_layout(resize_uint8(video, rh, rw).contiguous(), limits)
+    if normalized:
+        patches = normalize_patches(patches, limits)
     return VisionInput(
         pixel_values=patches,
         grid_thw=(gt, gh, gw),
