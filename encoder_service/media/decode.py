@@ -4,8 +4,8 @@ Contract: ``MediaPreparer.prepare(item, data)`` decodes with ``models.glm4v.proc
 (the one image decoder and video sampler of the project), preprocesses with ``preprocess_image``
 / ``preprocess_video`` under the checkpoint's processor config and the item's options, and hashes
 the decoded pixels together with every parameter that shapes the embedding. ``source_key`` hashes
-the raw bytes with the same parameters (a cheap pre-decode cache key). Both hashes are keyed by
-``salt`` (model + processor identity), so replicas of one checkpoint agree and different models
+the raw bytes with the same parameters (a cheap pre-decode cache key). Both hashes are
+HMAC-SHA256 keyed by ``salt`` (model + processor identity), so replicas of one checkpoint agree and different models
 never collide. Failures are ``EncodeError(INVALID)`` with the model package's own messages.
 Runs on worker threads; fetching does not belong here.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass
 
@@ -69,8 +70,10 @@ class MediaPreparer:
         self.raw_patches = raw_patches and same_normalization(processor.image, processor.video)
         self._video_limits = VideoLimits(max_frame_pixels=limits.max_image_pixels)
 
-    def _hasher(self, kind: bytes) -> hashlib.blake2b:
-        h = hashlib.blake2b(digest_size=32, key=self.salt)
+    def _hasher(self, kind: bytes) -> hmac.HMAC:
+        # HMAC-SHA256: SHA extensions make it ~2.7x faster than BLAKE2b over a 12 MP image's
+        # pixels (22 vs 60 ms measured on a 2-core x86 machine)
+        h = hmac.new(self.salt, digestmod=hashlib.sha256)
         h.update(kind)
         return h
 
@@ -129,7 +132,7 @@ class MediaPreparer:
         h.update(repr((limits, video.meta.fps, video.frame_indices)).encode())
         for frame in video.frames:
             h.update(repr(frame.shape).encode())
-            h.update(frame.tobytes())
+            h.update(memoryview(np.ascontiguousarray(frame)).cast("B"))
         vision = preprocess_video(
             video.frames, video.frame_indices, video.meta.fps, limits, not self.raw_patches
         )
