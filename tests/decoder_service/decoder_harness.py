@@ -152,3 +152,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.02)
     return predicate()
+
+
+def long_request(request_id: str = "") -> pb.GenerateRequest:
+    sampling = pb.SamplingParams(temperature=0, max_tokens=MAX_MODEL_LEN - 8, ignore_eos=True)
+    return pb.GenerateRequest(request_id=request_id, prompt="count", sampling=sampling)
