@@ -3,8 +3,9 @@
 Contract: ``load_tower(ModelLoad)`` returns a ``LoadedTower`` holding the checkpoint's model and
 processor configs and ``encode(pixel_values [N, patch_dim], grid_thw [M, 3]) -> [N/4, H]`` on the
 chosen device and dtype; uint8 ``pixel_values`` (``MediaPreparer(raw_patches=True)``) are copied
-to the device as they are and normalised there with the image processor's constants. ``resolve_device`` / ``resolve_dtype`` turn the "auto" settings into
-concrete ones. Batching, caching and serving do not belong here.
+to the device as they are and normalised there with the image processor's constants.
+``resolve_device`` / ``resolve_dtype`` turn the "auto" settings into concrete ones. Batching,
+caching and serving do not belong here.
 """
 
 from __future__ import annotations

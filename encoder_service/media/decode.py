@@ -5,8 +5,10 @@ Contract: ``MediaPreparer.prepare(item, data)`` decodes with ``models.glm4v.proc
 / ``preprocess_video`` under the checkpoint's processor config and the item's options, and hashes
 the decoded pixels together with every parameter that shapes the embedding. ``source_key`` hashes
 the raw bytes with the same parameters (a cheap pre-decode cache key). Both hashes are
-HMAC-SHA256 keyed by ``salt`` (model + processor identity), so replicas of one checkpoint agree and different models
-never collide. Failures are ``EncodeError(INVALID)`` with the model package's own messages.
+HMAC-SHA256 keyed by ``salt`` (model + processor identity), so replicas of one checkpoint agree
+and different models never collide. ``raw_patches=True`` leaves images' and videos' patches uint8
+for the tower to normalise (only where both share one set of normalisation constants).
+Failures are ``EncodeError(INVALID)`` with the model package's own messages.
 Runs on worker threads; fetching does not belong here.
 """
 
@@ -48,11 +50,10 @@ class PreparedMedia:
 
 
 def same_normalization(a: ImageLimits, b: ImageLimits) -> bool:
-    return (a.rescale_factor, a.image_mean, a.image_std) == (
-        b.rescale_factor,
-        b.image_mean,
-        b.image_std,
-    )
+    def constants(x: ImageLimits) -> tuple:
+        return x.rescale_factor, x.image_mean, x.image_std
+
+    return constants(a) == constants(b)
 
 
 class MediaPreparer:

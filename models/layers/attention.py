@@ -32,15 +32,11 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from kernels import rotary as rotary_kernel
 from kernels.dispatch import triton_enabled
 from kernels.paged_attention import paged_decode_attention, triton
-
-try:  # torch >= 2.3
-    from torch.nn.attention.bias import causal_lower_right
-except ImportError:  # pragma: no cover - depends on the torch build
-    causal_lower_right = None
 
 try:  # optional GPU dependency
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # type: ignore
@@ -104,12 +100,12 @@ class DecodeRows(NamedTuple):
     meta: AttentionMetadata  # a pure decode batch of just those sequences
 
 
-def decode_rows(meta: AttentionMetadata, min_seqs: int = 2) -> DecodeRows | None:
+def decode_rows(meta: AttentionMetadata) -> DecodeRows | None:
     """The batch's one-token sequences as their own decode batch, built once per metadata
-    object; None when fewer than ``min_seqs`` (one alone gains nothing from batching)."""
+    object; None for fewer than two (one alone gains nothing from batching)."""
     cached = meta._decode_rows
     if cached is not None:
-        return cached if len(cached.seqs) >= min_seqs else None
+        return cached if len(cached.seqs) >= 2 else None
     cu = meta.cu_seqlens_q_cpu or meta.cu_seqlens_q.tolist()
     lens_k = meta.seq_lens_k_cpu or meta.seq_lens_k.tolist()
     seqs = [i for i in range(len(cu) - 1) if cu[i + 1] - cu[i] == 1]
@@ -136,7 +132,7 @@ def decode_rows(meta: AttentionMetadata, min_seqs: int = 2) -> DecodeRows | None
         decode_splits=meta.decode_splits,
     )
     meta._decode_rows = DecodeRows(seqs, rows, sub)
-    return meta._decode_rows if n >= min_seqs else None
+    return meta._decode_rows if n >= 2 else None
 
 
 def decode_plan(meta: AttentionMetadata, block_size: int, device: torch.device) -> DecodePlan:
@@ -335,11 +331,7 @@ class Attention(torch.nn.Module):
             # query j sees keys [0, n_k - n_q + j]; SDPA's is_causal aligns top-left instead.
             # torch's lower-right causal bias runs on the flash / memory-efficient kernels on
             # CUDA without building the [n_q, n_k] mask (CPU materialises it, as before)
-            mask = (
-                causal_lower_right(n_q, n_k)
-                if causal_lower_right is not None
-                else torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-            )
+            mask = causal_lower_right(n_q, n_k)
         gqa = mask is None and _native_gqa(q)
         if not gqa:
             groups = self.num_heads // self.num_kv_heads

@@ -1,5 +1,5 @@
-"""The image and video preprocessing's patch layout: ``patch_values`` on uint8 frames (any
-strides) equals ``patchify(normalize(...))`` on contiguous float frames, value for value, and the
+"""The image and video preprocessing's patch layout: ``patch_layout`` then
+``normalize_patches`` on uint8 frames (any strides) equals ``patchify(normalize(...))`` on contiguous float frames, value for value, and the
 channels-last resize equals the contiguous one, byte for byte."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from PIL import Image
 
 from models.glm4v.processing.image import (
     normalize,
-    patch_values,
+    normalize_patches,
+    patch_layout,
     patchify,
     preprocess_image,
     resize_uint8,
@@ -68,9 +69,10 @@ def test_video_patches_equal_the_float_path() -> None:
     assert torch.equal(got.pixel_values, want)
 
 
-def test_patch_values_takes_expanded_and_permuted_frames() -> None:
+def test_patch_layout_takes_expanded_frames() -> None:
     frames = torch.randint(0, 256, (1, 3, 56, 28), dtype=torch.uint8)
     expanded = frames.expand(2, -1, -1, -1)  # stride 0 over time
-    got, *grid = patch_values(expanded, LIMITS)
+    patches, *grid = patch_layout(expanded, LIMITS)
+    got = normalize_patches(patches, LIMITS)
     want, *want_grid = patchify(normalize(expanded.contiguous(), LIMITS), LIMITS)
     assert grid == want_grid and torch.equal(got, want)

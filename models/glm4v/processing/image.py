@@ -6,12 +6,12 @@ image: RGB conversion (transparency composited on white), ``smart_resize`` to mu
 antialiased bicubic resize of the uint8 image, (x - 255*mean) / (255*std) in float32, then patches
 of (C, T=2, 14, 14) with the frame duplicated across T, ordered (h/2, w/2, 2, 2). ``smart_resize``
 raises ``ImageSizeError`` for a zero-area image or an aspect ratio above 200.
-``patch_values`` (uint8 frames -> normalised patches) is shared with ``video.py``: it lays the
-uint8 values out in patch order first (``patch_layout``) and normalises in that layout
-(``normalize_patches``, which also runs on the tower's device for the encoder service), the same arithmetic per
-value as ``normalize`` then ``patchify`` (which the demo renderer uses on float frames) on a
-quarter of the bytes moved; the resize reads the decoded HWC array through a channels-last view
-(torch's fast uint8 path) and only its smaller or equal output is made NCHW.
+The uint8 frames are laid out in patch order first (``patch_layout``) and normalised in that
+layout (``normalize_patches``, which the encoder service runs on the tower's device): the same
+arithmetic per value as ``normalize`` then ``patchify`` (which the demo renderer uses on float
+frames) on a quarter of the bytes moved. Both are shared with ``video.py``. The resize reads the
+decoded HWC array through a channels-last view (torch's fast uint8 path) and only its smaller or
+equal output is made NCHW.
 
 Not here: decoding bytes (``media.py``), frame sampling (``video.py``), token counting for prompts
 beyond ``VisionInput.num_tokens``.
@@ -153,13 +153,6 @@ def normalize_patches(patches: torch.Tensor, limits: ImageLimits) -> torch.Tenso
     n, c = patches.shape[0], len(limits.image_mean)
     values = patches.view(n, c, -1).to(torch.float32).sub_(mean).div_(std)
     return values.view(n, -1)
-
-
-def patch_values(frames: torch.Tensor, limits: ImageLimits) -> tuple[torch.Tensor, int, int, int]:
-    """uint8 frames [F, C, H, W] -> (float32 patches [F/T*gh*gw, C*T*P*P], grid_t, gh, gw):
-    ``patchify(normalize(frames))``, value for value."""
-    patches, gt, gh, gw = patch_layout(frames, limits)
-    return normalize_patches(patches, limits), gt, gh, gw
 
 
 def preprocess_image(img: Image.Image, limits: ImageLimits) -> VisionInput:
