@@ -1,7 +1,7 @@
 """Where a decode step's time goes: wall time, GPU-busy time and the kernels behind it.
 
 ``python -m bench.profile_decode [--layers 6] [--batch-sizes 1,32] [--steps 20]
-[--quantization none|fp8] [--enforce-eager] [--top 25]`` (CUDA; ``--device cpu`` for a smoke run) loads the GLM-4.5V text
+[--quantization none|fp8] [--enforce-eager] [--prefill 8192] [--top 25]`` (CUDA; ``--device cpu`` for a smoke run) loads the GLM-4.5V text
 decoder at its real widths with ``--layers`` layers and random (``dummy``) weights through the
 serving loader, runs ``--prompt-len`` token prompts to decode, then records ``--steps`` engine
 steps under ``torch.profiler`` and prints, per batch size:
@@ -10,6 +10,10 @@ steps under ``torch.profiler`` and prints, per batch size:
 - GPU-busy ms per step: the summed device time of every kernel and copy, so wall - busy is the
   time the device sat idle waiting on the host;
 - the ``--top`` kernels by device time per step, with their launches per step.
+
+``--prefill N`` profiles prefill steps instead: each step is one new N-token prompt (N at most
+8192, the step budget), and the row adds the step's TFLOP/s at two FLOPs per active parameter
+per token (attention's quadratic term left out).
 
 A diagnosis aid for ``bench.decode_bench``: nothing is asserted and no floor is computed here.
 """
@@ -55,6 +59,49 @@ def kernel_table(prof, steps: int, top: int) -> tuple[float, float, list[tuple[s
     return busy, launches, [(name, t / steps, n / steps) for name, (t, n) in rows]
 
 
+def active_params(cfg) -> float:
+    """Weights one token passes through in the text decoder (embedding table excluded)."""
+    t = cfg.text
+    attn = t.hidden_size * (t.num_attention_heads + 2 * t.num_key_value_heads) * t.head_dim
+    attn += t.num_attention_heads * t.head_dim * t.hidden_size
+    dense = 3 * t.hidden_size * t.intermediate_size
+    moe = 3 * t.hidden_size * t.moe_intermediate_size * (t.num_experts_per_tok + t.n_shared_experts)
+    moe += t.hidden_size * t.n_routed_experts  # router
+    layers = sum(dense if not t.is_moe_layer(i) else moe for i in range(t.num_hidden_layers))
+    return t.num_hidden_layers * attn + layers
+
+
+def profile_prefill(engine, cfg, tokens: int, steps: int, top: int, device) -> None:
+    gen = torch.Generator().manual_seed(tokens)
+    vocab = cfg.text.vocab_size
+    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def run(n: int, tag: str) -> None:
+        for i in range(n):
+            prompt = torch.randint(100, vocab // 2, (tokens,), generator=gen).tolist()
+            engine.add_request(f"{tag}-{i}", prompt, params)
+        while engine.has_unfinished_requests:
+            engine.step()
+
+    run(2, "warm")
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run(steps, "p")
+        sync()
+        wall = (time.perf_counter() - start) / steps * 1e3
+    busy, launches, rows = kernel_table(prof, steps, top)
+    tflops = 2 * active_params(cfg) * tokens / (wall / 1e3) / 1e12
+    print(
+        f"\n== prefill {tokens} tokens: wall {wall:.1f} ms/step (profiled), GPU busy "
+        f"{busy:.1f} ms, {launches:.0f} kernels/step, {tflops:.0f} TFLOP/s (linear layers)"
+    )
+    print(f"{'us/step':>9} {'n/step':>7}  kernel")
+    for name, us, n in rows:
+        print(f"{us:>9.1f} {n:>7.1f}  {name[:110]}")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=6)
@@ -64,6 +111,7 @@ def main() -> int:
     p.add_argument("--quantization", choices=("none", "fp8"), default="none")
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--prefill", type=int, default=0, help="prompt tokens of one prefill step")
     p.add_argument("--device", default="cuda")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -79,7 +127,7 @@ def main() -> int:
             vision=False,
             quantization=a.quantization,
         )
-    max_len = a.prompt_len + WARMUP_STEPS + a.steps + 8
+    max_len = max(a.prompt_len + WARMUP_STEPS + a.steps, a.prefill) + 8
     config = EngineConfig(
         cache=CacheConfig(num_blocks=max(sizes) * (max_len // 16 + 2), enable_prefix_caching=False),
         scheduler=SchedulerConfig(
@@ -92,6 +140,9 @@ def main() -> int:
     engine = LLMEngine(model, cfg, config, tokenizer=None)
     print(f"{a.layers} layers, {a.quantization}, graphs {engine.uses_cuda_graphs}")
     vocab = cfg.text.vocab_size
+    if a.prefill:
+        profile_prefill(engine, cfg, a.prefill, a.steps, a.top, device)
+        return 0
     for batch in sizes:
         gen = torch.Generator().manual_seed(batch)
         params = SamplingParams(

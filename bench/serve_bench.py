@@ -146,13 +146,27 @@ def _stop(proc: subprocess.Popen, timeout_s: float = 60) -> None:
             proc.wait()
 
 
-def _step_failure(log: Path, lines: int = 40) -> str:
-    """The last failed engine step's log record and traceback, or ''."""
+def _step_failure(log: Path, context: int = 12) -> str:
+    """The last failed engine step's log record and the end of its traceback, or ''."""
     if not log.exists():
         return ""
     text = log.read_text(errors="replace").splitlines()
     starts = [i for i, line in enumerate(text) if "engine step failed" in line]
-    return "\n".join(text[starts[-1] : starts[-1] + lines]) if starts else ""
+    if not starts:
+        return ""
+    start = end = starts[-1]
+    # the traceback ends at its first unindented line after "Traceback": the exception itself
+    seen_traceback = False
+    for end in range(start + 1, len(text)):
+        line = text[end]
+        if line.startswith("Traceback"):
+            seen_traceback = True
+        elif seen_traceback and line and not line[0].isspace():
+            break
+    head = text[start : start + 2]
+    tail = text[max(start + 2, end - context) : end + 1]
+    gap = ["  ..."] if end - context > start + 2 else []
+    return "\n".join(head + gap + tail)
 
 
 def _summary_rows(results: list[tuple[Load, object]]) -> list[str]:

@@ -8,7 +8,8 @@ fire-and-forget and safe from any thread. The thread steps while work exists and
 command queue otherwise (also while every request waits for media), so an idle server costs no
 CPU. Outputs of one step reach the event loop in one ``call_soon_threadsafe``. The token that
 ends a request (EOS or a stop token id) is trimmed from the text here. If a step raises, every
-stream fails with INTERNAL and the loop stops (``dead`` turns True; health goes NOT_SERVING).
+stream fails with INTERNAL, every submit still queued with UNAVAILABLE, and the loop stops
+(``dead`` turns True; health goes NOT_SERVING).
 Not here: protobuf, media fetching, metrics definitions (``on_step`` is a plain callback).
 """
 
@@ -84,6 +85,7 @@ class EngineLoop:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.dead = False
+        self._closed = False  # stop() was called
 
     # ---- event-loop side ------------------------------------------------------------------
 
@@ -103,6 +105,8 @@ class EngineLoop:
         assert self._loop is not None, "start() first"
         if self.dead:
             raise unavailable("the engine stopped after an internal error")
+        if self._closed:
+            raise unavailable("the server is shutting down")
         if request.request_id in self._streams:
             # the engine would refuse it too; refusing here keeps the first stream intact
             raise DuplicateRequestError(f"request id {request.request_id!r} is in flight")
@@ -138,12 +142,15 @@ class EngineLoop:
         self.abort(request_id)
 
     async def stop(self) -> None:
+        self._closed = True
         self._commands.put(_Stop())
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30.0)
         for stream in self._streams.values():
             stream.put(unavailable("the server is shutting down"))
         self._streams.clear()
+        if self._thread is None or not self._thread.is_alive():
+            self._refuse_queued(unavailable("the server is shutting down"))
 
     def _deliver(self, chunks: list[tuple[str, StreamChunk]]) -> None:
         for request_id, chunk in chunks:
@@ -158,6 +165,19 @@ class EngineLoop:
         for stream in self._streams.values():
             stream.put(err)
         self._streams.clear()
+        # submits whose requests the dead thread never took would otherwise wait forever
+        self._refuse_queued(unavailable("the engine stopped after an internal error"))
+
+    def _refuse_queued(self, err: ServiceError) -> None:
+        """Event-loop side, once the engine thread no longer reads commands: every queued
+        ``submit`` fails with ``err``; queued attaches and aborts have nothing left to do."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                _settle(command.done, err)
 
     # ---- engine thread ----------------------------------------------------------------------
 
@@ -167,6 +187,9 @@ class EngineLoop:
             block = stalled or not self.engine.has_unfinished_requests
             commands = self._take_commands(block)
             if any(isinstance(c, _Stop) for c in commands):
+                for c in commands:
+                    if isinstance(c, _Add):
+                        self._call(_settle, c.done, unavailable("the server is shutting down"))
                 return
             for command in commands:
                 self._apply(command)

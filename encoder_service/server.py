@@ -3,7 +3,8 @@
 Contract: ``EncoderServer(config).start()`` binds the port and starts serving at once with health
 ``NOT_SERVING`` (for ``""`` and ``glimpse.encoder.v1.Encoder``); the vision tower is loaded in the
 background and one warm-up encode runs through the whole pipeline before health flips to
-``SERVING``. Until then ``Encode`` answers UNAVAILABLE. ``stop()`` flips health to NOT_SERVING,
+``SERVING``; on a GPU a forward at the full patch budget (plus the embedding cache's size) then
+leaves this process's peak reserved, so a decoder started after it sizes its KV cache around it. Until then ``Encode`` answers UNAVAILABLE. ``stop()`` flips health to NOT_SERVING,
 waits ``shutdown_drain_s`` so probes notice, then stops the server letting in-flight calls finish
 within ``shutdown_grace_s``, and closes the embedding pool (readers then see it closed). Once
 warm, the heap built by loading is frozen out of the garbage collector's scans (``gc.freeze``:
@@ -150,6 +151,12 @@ class EncoderServer:
             self.metrics.bind_queue_depth(lambda: batcher.queue_depth)
             pipeline = EncodePipeline(self.config, preparer, batcher, self.cache, self.metrics)
             await pipeline.encode([_warmup_item()], _WARMUP_TIMEOUT_S, use_cache=False)
+            cache_bytes = self.config.store.mm_cache_mb * MIB
+            reserved = await asyncio.to_thread(
+                tower.reserve_memory, self.config.batch.max_batch_patches, cache_bytes
+            )
+            if reserved:
+                log.info("GPU memory reserved at the full batch: %.2f GiB", reserved / 2**30)
         except asyncio.CancelledError:
             self._ready.cancel()
             raise

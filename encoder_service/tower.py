@@ -58,6 +58,33 @@ class LoadedTower:
         x = pixel_values.to(self.device, self.dtype, non_blocking=True)
         return self.tower(x, grid_thw)
 
+    @torch.inference_mode()
+    def reserve_memory(self, patches: int, extra_bytes: int = 0) -> int:
+        """CUDA: run one forward over ``patches`` patches (the batcher's budget) while holding
+        ``extra_bytes`` more (what the embedding cache may fill), and keep that peak reserved in
+        the caching allocator; returns the bytes reserved (0 elsewhere). A decoder sharing the
+        GPU then sizes its KV cache around this process's largest footprint instead of meeting
+        it later as an out-of-memory error."""
+        if self.device.type != "cuda" or patches <= 0:
+            return 0
+        vision = self.model_config.vision
+        merge = vision.spatial_merge_size
+        # square images of 80x80 patches (a 1120x1120 photo) and one remainder fill the budget
+        side = min(80, max(merge, int(patches**0.5) // merge * merge))
+        grids = [(1, side, side)] * (patches // (side * side))
+        rest = patches - len(grids) * side * side
+        if rest >= merge * merge:
+            grids.append((1, merge, rest // merge // merge * merge))
+        if not grids:
+            return 0
+        total = sum(t * h * w for t, h, w in grids)
+        hold = torch.empty(max(extra_bytes, 0), dtype=torch.uint8, device=self.device)
+        raw = torch.zeros(total, vision.patch_dim, dtype=torch.uint8)
+        self.encode(raw, torch.tensor(grids, dtype=torch.int64))
+        torch.cuda.synchronize(self.device)
+        del hold
+        return torch.cuda.memory_reserved(self.device)
+
 
 def load_tower(load: ModelLoad) -> LoadedTower:
     model_config = load_model_config(load.model_path)
