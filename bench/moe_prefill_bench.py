@@ -1,20 +1,23 @@
 """Prefill-sized FP8 routed experts: every path the MoE layer can take, at GLM-4.5V widths.
 
-``python -m bench.moe_prefill_bench [--tokens 1024,4096,8192] [--iters 10] [--sweep]`` (CUDA)
-builds one routed-expert layer of GLM-4.5V / 4.6V (128 experts, hidden 4096, expert width 1408,
+``python -m bench.moe_prefill_bench [--tokens 1024,4096,8192] [--iters 10] [--sweep
+w8a16|w8a8]`` (CUDA) builds one routed-expert layer of GLM-4.5V / 4.6V (128 experts, hidden 4096, expert width 1408,
 top-8) with FP8 e4m3 weights and one float32 scale per output row, routes ``T`` random bf16
 tokens with the model's router, and times, for each ``T``:
 
-- ``w8a16``: the fused Triton kernels reading the codes with bf16 activations (the default);
-- ``w8a8 triton``: the same kernels with per-token e4m3 activations (``fp8_activations``);
+- ``w8a16``: the fused Triton kernels reading the codes with bf16 activations (decode's path;
+  prefill's with ``GLIMPSE_FP8_ACTIVATIONS=0``);
+- ``w8a8``: the same kernels with per-token e4m3 activations (``fp8_activations``; prefill's
+  default);
 - ``scaled_grouped_mm``: sort + ``torch._scaled_grouped_mm`` (W8A8, row-wise scales) + combine;
-- ``bf16 grouped_mm``: the dequantised weights through ``torch._grouped_mm`` (the bf16 model's
+- ``bf16_grouped_mm``: the dequantised weights through ``torch._grouped_mm`` (the bf16 model's
   path; weights of twice the bytes).
 
 Each row prints milliseconds per call, TFLOP/s (``2 * T * top_k * 3 * hidden * width``: the
 routed GEMMs only) and the largest difference from the W8A16 output relative to its largest
-value. ``--sweep`` also times the W8A16 kernels for each tile choice of ``SWEEP`` and prints the
-best. Not a test: nothing is asserted.
+value. ``--sweep PATH`` also searches the fused kernels' tiles of that path (``w8a16`` or
+``w8a8``) at the largest ``T`` and prints the best choice for each row-block height. Not a
+test: nothing is asserted.
 """
 
 from __future__ import annotations
@@ -30,12 +33,9 @@ from kernels import fused_moe
 from models.glm4v.config import TextConfig
 from models.layers.moe import TopKRouter, experts_grouped
 
-# (block_m, gate/up (block_n, block_k, stages, warps), down (block_n, block_k, stages, warps))
-SWEEP = {
-    "block_m": (64, 128),
-    "up": tuple(itertools.product((64, 128), (64, 128), (3, 4), (4, 8))),
-    "down": tuple(itertools.product((64, 128), (64, 128), (3, 4), (4, 8))),
-}
+# tile choices swept per kernel: (block_n, block_k, stages, warps), for each block_m
+SWEEP_BLOCK_M = (64, 128)
+SWEEP_TILES = tuple(itertools.product((64, 128, 256), (64, 128), (3, 4), (4, 8)))
 
 
 def timed(fn: Callable[[], torch.Tensor], iters: int) -> float:
@@ -75,7 +75,7 @@ def experts_paths(x, route, fp8: tuple, bf16: tuple) -> dict[str, Callable[[], t
             x, q13, q2, route.weights, route.ids, w13_scale=s13, w2_scale=s2,
             foreign_slots=False, fp8_activations=False, out_dtype=torch.bfloat16,
         ),
-        "w8a8 triton": lambda: fused_moe.fused_experts(
+        "w8a8": lambda: fused_moe.fused_experts(
             x, q13, q2, route.weights, route.ids, w13_scale=s13, w2_scale=s2,
             foreign_slots=False, fp8_activations=True, out_dtype=torch.bfloat16,
         ),
@@ -83,15 +83,15 @@ def experts_paths(x, route, fp8: tuple, bf16: tuple) -> dict[str, Callable[[], t
             x, q13, q2, route, foreign_slots=False, w13_scale=s13, w2_scale=s2,
             use_triton=False, out_dtype=torch.bfloat16,
         ),
-        "bf16 grouped_mm": lambda: experts_grouped(
+        "bf16_grouped_mm": lambda: experts_grouped(
             x, *bf16, route, foreign_slots=False, use_triton=False, out_dtype=torch.bfloat16,
         ),
     }  # fmt: skip
 
 
-def with_tiles(block_m: int, up: tuple, down: tuple):
-    """Make the fused kernels use these tiles past MAX_SLOTS (restored by the caller)."""
-    fused_moe._block_m = lambda slots: block_m
+def with_tiles(block_m: int, up: tuple, down: tuple) -> None:
+    """Make the fused kernels use these tiles past MAX_SLOTS (the caller restores them)."""
+    fused_moe.PREFILL_BLOCK_M = block_m
     fused_moe._tile_configs = lambda slots, fp8=False, fp8_act=False: (
         fused_moe.TileConfig(*up),
         fused_moe.TileConfig(*down),
@@ -103,7 +103,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", default="1024,4096,8192")
     p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--sweep", action="store_true", help="also sweep the W8A16 tiles")
+    p.add_argument("--sweep", choices=("w8a16", "w8a8"), help="also sweep this path's tiles")
     a = p.parse_args()
     dev = torch.device("cuda")
     cfg = TextConfig()
@@ -125,32 +125,30 @@ def main() -> int:
             except (RuntimeError, ValueError) as err:
                 print(f"{t:>6}  {name:<20} failed: {str(err).splitlines()[0][:80]}")
         if a.sweep and t == max(int(s) for s in a.tokens.split(",")):
-            sweep(paths["w8a16"], t, flops, a.iters)
+            sweep(paths[a.sweep], a.sweep == "w8a8", t * k, flops, a.iters)
     return 0
 
 
-def sweep(fn: Callable[[], torch.Tensor], t: int, flops: int, iters: int) -> None:
-    saved = fused_moe._block_m, fused_moe._tile_configs
-    results = []
+def sweep(fn: Callable[[], torch.Tensor], fp8_act: bool, slots: int, flops: int, iters: int):
+    """For each block_m: the best gate/up tiles with the default down tiles, then the best down
+    tiles with that gate/up choice; prints the best pair of each block_m."""
+    saved = fused_moe.PREFILL_BLOCK_M, fused_moe._tile_configs
+    default_up, default_down = saved[1](slots, True, fp8_act)
     try:
-        for bm in SWEEP["block_m"]:
-            for up in SWEEP["up"]:  # gate/up with the default down tiles, then down
-                with_tiles(bm, up, saved[1](t * 8, True)[1])
-                results.append((_try(fn, iters), "up", bm, up))
-            for down in SWEEP["down"]:
-                with_tiles(bm, saved[1](t * 8, True)[0], down)
-                results.append((_try(fn, iters), "down", bm, down))
-    finally:
-        fused_moe._block_m, fused_moe._tile_configs = saved
-    for part in ("up", "down"):
-        best = sorted(r for r in results if r[1] == part)[:3]
-        for ms, _, bm, tiles in best:
+        for bm in SWEEP_BLOCK_M:
+            up = min(SWEEP_TILES, key=lambda c: _try(fn, iters, bm, c, default_down))
+            down = min(SWEEP_TILES, key=lambda c: _try(fn, iters, bm, up, c))
+            ms = _try(fn, iters, bm, up, down)
             print(
-                f"{t:>6}  sweep {part:<4} block_m {bm:>3} tiles {tiles}: {ms:.2f} ms (whole call)"
+                f"  sweep block_m {bm:>3} gate/up {up} down {down}: {ms:.2f} ms, "
+                f"{flops / ms / 1e9:.0f} TFLOP/s"
             )
+    finally:
+        fused_moe.PREFILL_BLOCK_M, fused_moe._tile_configs = saved
 
 
-def _try(fn: Callable[[], torch.Tensor], iters: int) -> float:
+def _try(fn: Callable[[], torch.Tensor], iters: int, block_m: int, up, down) -> float:
+    with_tiles(block_m, up, down)
     try:
         return timed(fn, iters)
     except Exception:  # noqa: BLE001 - a tile choice that does not compile or fit shared memory

@@ -1,7 +1,8 @@
 """Where a decode step's time goes: wall time, GPU-busy time and the kernels behind it.
 
 ``python -m bench.profile_decode [--layers 6] [--batch-sizes 1,32] [--steps 20]
-[--quantization none|fp8] [--enforce-eager] [--prefill 8192] [--top 25]`` (CUDA; ``--device cpu`` for a smoke run) loads the GLM-4.5V text
+[--quantization none|fp8] [--enforce-eager] [--prefill 8192] [--top 25]`` (CUDA; ``--device
+cpu`` for a smoke run) loads the GLM-4.5V text
 decoder at its real widths with ``--layers`` layers and random (``dummy``) weights through the
 serving loader, runs ``--prompt-len`` token prompts to decode, then records ``--steps`` engine
 steps under ``torch.profiler`` and prints, per batch size:
@@ -11,9 +12,10 @@ steps under ``torch.profiler`` and prints, per batch size:
   time the device sat idle waiting on the host;
 - the ``--top`` kernels by device time per step, with their launches per step.
 
-``--prefill N`` profiles prefill steps instead: each step is one new N-token prompt (N at most
-8192, the step budget), and the row adds the step's TFLOP/s at two FLOPs per active parameter
-per token (attention's quadratic term left out).
+``--prefill N`` profiles prefill steps instead: each step is one new N-token prompt (the step
+budget is N), timed first without the profiler (that wall time gives the TFLOP/s, at two FLOPs
+per active parameter per token, attention's quadratic term left out), then profiled: the top
+kernels and the top host ops by self CPU time.
 
 A diagnosis aid for ``bench.decode_bench``: nothing is asserted and no floor is computed here.
 """
@@ -86,20 +88,34 @@ def profile_prefill(engine, cfg, tokens: int, steps: int, top: int, device) -> N
 
     run(2, "warm")
     sync()
+    start = time.perf_counter()
+    run(steps, "t")
+    sync()
+    plain = (time.perf_counter() - start) / steps * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         run(steps, "p")
         sync()
         wall = (time.perf_counter() - start) / steps * 1e3
-    busy, launches, rows = kernel_table(prof, steps, top)
-    tflops = 2 * active_params(cfg) * tokens / (wall / 1e3) / 1e12
-    print(
-        f"\n== prefill {tokens} tokens: wall {wall:.1f} ms/step (profiled), GPU busy "
-        f"{busy:.1f} ms, {launches:.0f} kernels/step, {tflops:.0f} TFLOP/s (linear layers)"
+    chunked = (
+        " (chunked: a prompt spans steps)"
+        if engine.config.scheduler.max_num_batched_tokens < tokens
+        else ""
     )
-    print(f"{'us/step':>9} {'n/step':>7}  kernel")
+    busy, launches, rows = kernel_table(prof, steps, top)
+    tflops = 2 * active_params(cfg) * tokens / (plain / 1e3) / 1e12
+    print(
+        f"\n== prefill {tokens} tokens{chunked}: wall {plain:.1f} ms/prompt ({wall:.1f} profiled), "
+        f"GPU busy {busy:.1f} ms, {launches:.0f} kernels/prompt, {tflops:.0f} TFLOP/s (linear "
+        "layers)"
+    )
+    print(f"{'us/prompt':>9} {'n/prompt':>8}  kernel")
     for name, us, n in rows:
-        print(f"{us:>9.1f} {n:>7.1f}  {name[:110]}")
+        print(f"{us:>9.1f} {n:>8.1f}  {name[:110]}")
+    host = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    print(f"{'host us/prompt':>14} {'n':>6}  op (self CPU time, the profiler's own included)")
+    for e in host[:top]:
+        print(f"{e.self_cpu_time_total / steps:>14.1f} {e.count / steps:>6.1f}  {e.key[:100]}")
 
 
 def main() -> int:
@@ -112,6 +128,9 @@ def main() -> int:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--prefill", type=int, default=0, help="prompt tokens of one prefill step")
+    p.add_argument(
+        "--budget", type=int, default=0, help="--prefill: tokens a step (default: the prompt)"
+    )
     p.add_argument("--device", default="cuda")
     a = p.parse_args()
     device = torch.device(a.device)
@@ -131,7 +150,8 @@ def main() -> int:
     config = EngineConfig(
         cache=CacheConfig(num_blocks=max(sizes) * (max_len // 16 + 2), enable_prefix_caching=False),
         scheduler=SchedulerConfig(
-            max_num_batched_tokens=max(8192, max_len),
+            # --prefill: one prompt a step, or --budget tokens (prompts then span steps)
+            max_num_batched_tokens=a.budget or a.prefill or max(8192, max_len),
             max_running_requests=max(sizes),
             max_model_len=max_len,
         ),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from dataclasses import replace
 
 from decoder_service.config import (
     DecoderServiceConfig,
@@ -20,6 +21,7 @@ from decoder_service.config import (
     ServerConfig,
 )
 from decoder_service.engine.cli_args import add_engine_arguments, engine_config_from_args
+from decoder_service.engine.config import EngineConfig
 from glimpse.lifecycle import add_process_arguments, serve_until_signal
 
 log = logging.getLogger("glimpse.decoder")
@@ -80,12 +82,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=enc.keep_mm_feature_on_device,
         help="keep fetched vision features on the GPU until prefill used them",
     )
+    g.add_argument(
+        "--mm-device-budget-mb",
+        type=int,
+        default=enc.mm_device_budget_mb,
+        help="GPU memory for fetched vision features, kept out of the KV pool; features past "
+        "it wait in host memory",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> DecoderServiceConfig:
     urls = tuple(u.strip() for u in args.encoder_urls.split(",") if u.strip())
     return DecoderServiceConfig(
-        engine=engine_config_from_args(args),
+        engine=_with_reservation(engine_config_from_args(args), args),
         encoders=EncoderPoolConfig(
             encoder_urls=urls,
             mm_per_request_timeout_s=args.mm_per_request_timeout,
@@ -93,6 +102,7 @@ def config_from_args(args: argparse.Namespace) -> DecoderServiceConfig:
             max_message_bytes=args.max_message_bytes,
             transport=None if args.mm_transport == "auto" else args.mm_transport,
             keep_mm_feature_on_device=args.keep_mm_feature_on_device,
+            mm_device_budget_mb=args.mm_device_budget_mb,
         ),
         server=ServerConfig(
             host=args.host,
@@ -114,6 +124,14 @@ async def serve(config: DecoderServiceConfig) -> int:
 
     server = DecoderServer(config)
     return await serve_until_signal(server)
+
+
+def _with_reservation(engine: EngineConfig, args: argparse.Namespace) -> EngineConfig:
+    """The KV pool leaves the device budget of fetched vision features free (with encoders)."""
+    if not args.encoder_urls.strip() or not args.keep_mm_feature_on_device:
+        return engine
+    cache = replace(engine.cache, reserved_gpu_mb=args.mm_device_budget_mb)
+    return replace(engine, cache=cache)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -33,10 +33,16 @@ class EncoderPoolConfig:
     # Keep fetched vision features on the decoder's device until prefill consumed them (no
     # device -> host copy); False parks them in host memory (saves GPU memory under long queues).
     keep_mm_feature_on_device: bool = True
+    # ... within this many MiB of features alive on the device at once (the KV pool is sized
+    # without it); the rest wait in host memory. A queue of image requests otherwise holds every
+    # one's features on the GPU.
+    mm_device_budget_mb: int = 2048
 
     def __post_init__(self) -> None:
         if self.mm_per_request_timeout_s <= 0 or self.health_interval_s <= 0:
             raise ValueError("encoder timeouts and intervals must be positive")
+        if self.mm_device_budget_mb < 0:
+            raise ValueError("mm_device_budget_mb must not be negative")
         if self.transport not in (None, "cuda_ipc", "shm", "grpc_stream"):
             raise ValueError(f"unknown transport {self.transport!r}")
 

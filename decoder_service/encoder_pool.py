@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from decoder_service.config import EncoderPoolConfig
+from decoder_service.config import MIB, EncoderPoolConfig
 from encoder_service.client import EncoderClient
 from encoder_service.transport import EmbeddingImporter, ImporterConfig
 
@@ -78,6 +78,7 @@ class EncoderPool:
                 device=self.device,
                 force_path=self.config.transport,
                 keep_on_device=self.config.keep_mm_feature_on_device,
+                device_budget_bytes=self.config.mm_device_budget_mb * MIB,
             )
         )
         self.replicas = [

@@ -17,8 +17,8 @@ import torch
 
 TRITON_DISABLED: bool = os.environ.get("GLIMPSE_DISABLE_TRITON", "") not in ("", "0")
 # W8A8 (e4m3 activations) in the fused FP8 experts for prefill-sized batches
-# (``kernels/fused_moe.py``). NOTE: opt-in until it is measured on a GPU against W8A16.
-FP8_ACTIVATIONS: bool = os.environ.get("GLIMPSE_FP8_ACTIVATIONS", "") not in ("", "0")
+# (``kernels/fused_moe.py``): on unless ``GLIMPSE_FP8_ACTIVATIONS=0`` (W8A16 then)
+FP8_ACTIVATIONS: bool = os.environ.get("GLIMPSE_FP8_ACTIVATIONS", "1") != "0"
 
 _triton_available: bool | None = None
 

@@ -17,7 +17,7 @@ per output row), ``w13`` / ``w2`` hold ``float8_e4m3fn`` codes and ``x`` is bf16
 kernels read the codes (half the bytes of bf16: decode is bound by them), widen each tile to
 ``x.dtype`` for the tensor cores, and scale the float32 accumulators per output row, so the
 result is that of the dequantised weights ``w.float() * scale`` with unquantised activations.
-There is no slot limit: prefill-sized FP8 batches take the same kernels with 64-row blocks
+There is no slot limit: prefill-sized FP8 batches take the same kernels with 128-row blocks
 (``supported(..., fp8=True)``).
 
 FP8 activations (W8A8, ``fp8_activations``): prefill-sized FP8 batches are compute-bound, and
@@ -31,9 +31,12 @@ dequantised weights applied to the dequantised ``x`` and to the dequantised ``h`
 ``_w8a8_reference``). The quantiser of ``h`` is a separate launch because a row's amax spans
 every I tile, each a different program; it streams ``h`` once more (~0.3 GB at 8,192 tokens
 of GLM-4.5-Air, well under a tenth of the down GEMM's time even at the FP8 rate) and also
-quantises the unused padded rows (garbage, never read: the down kernel masks them). Opt-in:
-``fp8_activations=None`` takes ``kernels.dispatch.FP8_ACTIVATIONS`` (off unless
-``GLIMPSE_FP8_ACTIVATIONS`` is set) and then applies it past ``MAX_SLOTS`` only; nothing of it is measured on a GPU yet.
+quantises the unused padded rows (garbage, never read: the down kernel masks them). The default
+past ``MAX_SLOTS``: ``fp8_activations=None`` takes ``kernels.dispatch.FP8_ACTIVATIONS`` (on unless
+``GLIMPSE_FP8_ACTIVATIONS=0``) there and W8A16 below it, since decode is bound by the weight
+reads either way. At 8,192 tokens of GLM-4.5V on an H200 W8A8 ran 2.6x W8A16's speed
+(``bench/moe_prefill_bench.py``), the dynamic per-token activation scheme of the released FP8
+checkpoints.
 
 Steps, none of which reads a device value on the host (the whole call can be captured in a CUDA
 graph):
@@ -78,7 +81,11 @@ BLOCK_M = 16  # rows per block: the smallest tl.dot M, since a decode expert see
 MAX_SLOTS = 4096
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP8_DTYPE = torch.float8_e4m3fn
-FP8_ACT_BLOCK_M = 64  # rows per block with FP8 activations, at every batch size: one wgmma M
+FP8_ACT_BLOCK_M = 64  # rows per block with FP8 activations up to MAX_SLOTS: one wgmma M
+# rows per block past MAX_SLOTS (FP8 prefill, either activation type): each weight tile feeds 8x
+# decode's rows per read; the better of 64 and 128 in bench/moe_prefill_bench.py's sweeps at
+# 8,192 tokens on an H200 for both W8A16 and W8A8
+PREFILL_BLOCK_M = 128
 
 
 class TileConfig(NamedTuple):
@@ -114,15 +121,22 @@ def supported(
     )
 
 
-def _block_m(num_slots: int) -> int:
-    # decode: 16-row blocks (an expert sees a few rows); prefill (FP8 only reaches here past
-    # MAX_SLOTS): 64-row blocks, so each weight tile feeds 4x the rows per read
-    return BLOCK_M if num_slots <= MAX_SLOTS else 64
+def _block_m(num_slots: int, fp8_act: bool = False) -> int:
+    # decode: 16-row blocks (an expert sees a few rows), 64 with FP8 activations (one wgmma M);
+    # prefill (FP8 only reaches here past MAX_SLOTS): PREFILL_BLOCK_M
+    if num_slots > MAX_SLOTS:
+        return PREFILL_BLOCK_M
+    return FP8_ACT_BLOCK_M if fp8_act else BLOCK_M
 
 
 def _tile_configs(
     num_slots: int, fp8: bool = False, fp8_act: bool = False
 ) -> tuple[TileConfig, TileConfig]:
+    if fp8_act and num_slots > MAX_SLOTS:
+        # bench/moe_prefill_bench.py's sweep at 8,192 tokens on an H200 (128-row blocks): 3.20
+        # vs 3.85 ms for the choice below. Shared memory: gate/up stages 16 + 2 x 16 KiB per
+        # step (x 4 = 192 KiB), down 16 + 32 KiB (x 4 = 192 KiB), within Hopper's 227 KiB.
+        return TileConfig(128, 128, 4, 8), TileConfig(256, 128, 4, 8)
     if fp8_act:
         # NOTE: untuned, sized for Hopper: 64-row blocks (one warpgroup's wgmma M), 128-wide
         # e4m3 tiles with a 128-byte reduction step; gate/up stages 8 + 2 x 16 KiB per step
@@ -139,7 +153,7 @@ def _tile_configs(
         return TileConfig(64, 128, 3, 4), TileConfig(128, 128, 3, 4)
     if num_slots <= MAX_SLOTS:
         return TileConfig(128, 64, 3, 4), TileConfig(128, 64, 4, 4)
-    return TileConfig(64, 64, 3, 8), TileConfig(128, 64, 3, 8)
+    return TileConfig(64, 64, 3, 8), TileConfig(128, 64, 4, 4)  # W8A16 prefill: swept, H200
 
 
 def _fit(cfg: TileConfig, n: int, k: int) -> tuple[int, int]:  # (block_n, block_k)
@@ -160,8 +174,7 @@ def fused_experts(
     w13_scale: torch.Tensor | None = None,  # [E_local, 2I, 1] float32 with FP8 w13
     w2_scale: torch.Tensor | None = None,  # [E_local, H, 1] float32 with FP8 w2
     # FP8 weights only: True quantises x and h to e4m3 (W8A8) at any size; False keeps them in
-    # x.dtype (W8A16); None: dispatch.FP8_ACTIVATIONS (default off: opt-in until measured on a GPU),
-    # applied past MAX_SLOTS only, since decode is bound by the weight reads either way
+    # x.dtype (W8A16); None: dispatch.FP8_ACTIVATIONS (default on) past MAX_SLOTS, else W8A16
     fp8_activations: bool | None = None,
     out_dtype: torch.dtype = torch.float32,  # the sum over k rounded once to this dtype
 ) -> torch.Tensor:  # [T, H] out_dtype
@@ -190,7 +203,7 @@ def fused_experts(
     if x.stride(1) != 1:
         x = x.contiguous()
     slots = t * k
-    block_m = FP8_ACT_BLOCK_M if fp8_activations else _block_m(slots)
+    block_m = _block_m(slots, fp8_activations)
     if slots <= MAX_SLOTS:  # decode: one launch instead of ~15 small torch kernels
         aligned = align_slots_triton(route_ids, e, expert_start, block_m)
     else:

@@ -34,6 +34,9 @@ class CacheConfig:
     num_blocks: int | None = None  # fixed pool size; None = size from memory (CPU: 1024 blocks)
     mem_fraction_static: float = 0.85  # GPU: share of free memory (after weights, peak) for KV
     enable_prefix_caching: bool = True
+    # GPU: memory the sized KV pool leaves for tensors that live between steps (the decoder
+    # service's device budget for fetched vision features), MiB
+    reserved_gpu_mb: int = 0
 
 
 CPU_DEFAULT_NUM_BLOCKS = 1024

@@ -143,6 +143,8 @@ class LLMEngine:
                     config.scheduler.max_running_requests,
                     config.cache.mem_fraction_static,
                 )
+                reserved = config.cache.reserved_gpu_mb << 20
+                num_blocks -= -(-reserved // self.runner.bytes_per_block())  # whole blocks
             else:
                 num_blocks = CPU_DEFAULT_NUM_BLOCKS
         if num_blocks < 1:

@@ -15,6 +15,10 @@ equal to the descriptor's (checked again after the copy). Failures raise a ``Tra
 A pool that cannot be opened at all (``PoolOpenError``) is remembered and its items are streamed
 instead, counted in ``stats.open_fallbacks``.
 
+Fetched features land on the decoder's device (``keep_on_device``) within
+``device_budget_bytes`` (``device_budget.py``); past it, and with ``keep_on_device=False``, in
+host memory until prefill copies the rows it needs.
+
 The caller acks after ``fetch`` returns (the Ack RPC belongs to the service).
 
 Not here: the Ack RPC, placement of features into the prompt, the encoder side (exporter.py).
@@ -34,6 +38,7 @@ from encoder_service.transport import metrics
 from encoder_service.transport.control_block import ControlBlock
 from encoder_service.transport.cuda_ipc_pool import CudaIpcPoolView
 from encoder_service.transport.descriptor import PATHS, EmbeddingLocation, TransportPath
+from encoder_service.transport.device_budget import DeviceBudget
 from encoder_service.transport.errors import (
     DescriptorError,
     PoolOpenError,
@@ -55,6 +60,9 @@ class ImporterConfig:
     device: str = "cpu"  # the decoder's device: pools are opened and copied on it
     force_path: TransportPath | None = None  # None = decide by host identity
     keep_on_device: bool = True  # False: move fetched features to host memory until prefill
+    # with keep_on_device: features still alive on the device total at most this many bytes;
+    # the ones past it wait in host memory (device_budget.py). None: no limit
+    device_budget_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.force_path is not None and self.force_path not in PATHS:
@@ -76,12 +84,17 @@ class EmbeddingImporter:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
         self.output_device = device if config.keep_on_device else torch.device("cpu")
+        limit = config.device_budget_bytes
+        on_device = self.output_device.type != "cpu"
+        self.budget = DeviceBudget(limit) if on_device and limit is not None else None
         self.host = host or local_host()
         self.stats = metrics.TransportStats()
         self._lock = threading.Lock()
         self._views: dict[str, _PoolView] = {}
         self._unopenable: dict[str, str] = {}  # pool id -> why it could not be opened
         self.stats.gauges[metrics.POOLS_OPEN] = lambda: len(self._views)
+        if self.budget is not None:
+            self.stats.gauges[metrics.DEVICE_HELD_BYTES] = lambda: self.budget.held
 
     def choose_path(self, location: EmbeddingLocation) -> TransportPath:
         force = self.config.force_path
@@ -108,7 +121,7 @@ class EmbeddingImporter:
                 )
             what = f"embedding {location.embedding_id}"
             buf = await assemble(grpc_fetch_fn(location), location.nbytes, what)
-            out = _from_bytes(buf, location).to(self.output_device)
+            out = self._place(_from_bytes(buf, location))
             self.stats.fetches["grpc_stream"] += 1
             self.stats.fetch_bytes["grpc_stream"] += location.nbytes
             return out
@@ -120,10 +133,15 @@ class EmbeddingImporter:
         """Copy a same-host item out of its producer's pool (synchronous)."""
         view = self._view(location.key.pool_id, location.path)
         raw = self._checked_copy(view, location)
-        out = raw.view(location.torch_dtype).reshape(location.shape).to(self.output_device)
+        out = self._place(raw.view(location.torch_dtype).reshape(location.shape))
         self.stats.fetches[location.path] += 1
         self.stats.fetch_bytes[location.path] += location.nbytes
         return out
+
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        if self.budget is None:
+            return t.to(self.output_device)
+        return self.budget.place(t, self.output_device)
 
     # -- pools ---------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ POOL_USED_BYTES = "glimpse_transport_pool_used_bytes"  # bytes held by live pool
 POOL_CAPACITY_BYTES = "glimpse_transport_pool_capacity_bytes"
 SPILLED_BYTES = "glimpse_transport_spilled_bytes"  # bytes held outside the pool for streaming
 POOLS_OPEN = "glimpse_transport_pools_open"  # pools the importer has mapped
+DEVICE_HELD_BYTES = "glimpse_transport_device_held_bytes"  # fetched features kept on the device
 
 
 @dataclass
@@ -80,7 +81,13 @@ class TransportCollector:
         yield plain(ACKS_TOTAL, "Acks naming a live embedding", "acks")
         yield plain(RELEASED_TOTAL, "Embeddings freed by their last ack", "released")
         yield plain(EXPIRED_TOTAL, "Embeddings freed by TTL", "expired")
-        for name in (POOL_USED_BYTES, POOL_CAPACITY_BYTES, SPILLED_BYTES, POOLS_OPEN):
+        for name in (
+            POOL_USED_BYTES,
+            POOL_CAPACITY_BYTES,
+            SPILLED_BYTES,
+            POOLS_OPEN,
+            DEVICE_HELD_BYTES,
+        ):
             gauge = GaugeMetricFamily(name, name.replace("_", " "), labels=["role"])
             values = [s.gauges[name]() for s in self._stats if name in s.gauges]
             if values:

@@ -332,7 +332,9 @@ class Attention(torch.nn.Module):
             # torch's lower-right causal bias runs on the flash / memory-efficient kernels on
             # CUDA without building the [n_q, n_k] mask (CPU materialises it, as before)
             mask = causal_lower_right(n_q, n_k)
-        gqa = mask is None and _native_gqa(q)
+        # CUDA half types fuse enable_gqa on the flash kernel, which also takes the lower-right
+        # bias (no [n_q, n_k] mask is built); expanding the KV heads instead copies them 12x
+        gqa = _native_gqa(q)
         if not gqa:
             groups = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -396,8 +398,9 @@ def is_pure_decode(num_tokens: int, meta: AttentionMetadata) -> bool:
 
 
 def _native_gqa(q: torch.Tensor) -> bool:
-    # SDPA's enable_gqa is only fused by the flash backend (half types on CUDA, no mask); any
-    # other case would drop to the math kernel, slower than expanding the KV heads first.
+    # SDPA's enable_gqa is only fused by the flash backend (half types on CUDA, no mask or the
+    # lower-right causal bias); any other case would drop to the math kernel, slower than
+    # expanding the KV heads first.
     return _HAS_ENABLE_GQA and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 

@@ -80,3 +80,20 @@ def test_cli_flags_reach_the_encoder_pool_config(tiny_ckpt_45):
     assert enc.transport == "shm" and enc.keep_mm_feature_on_device is False
     enc = cli.config_from_args(parser.parse_args(base)).encoders
     assert enc.transport is None and enc.keep_mm_feature_on_device is True
+
+
+def test_the_kv_pool_leaves_the_feature_budget_free_only_when_features_stay_on_device(
+    tiny_ckpt_45,
+):
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    path = ["--model-path", str(tiny_ckpt_45)]
+    encoders = path + ["--encoder-urls", "127.0.0.1:1"]
+    cfg = cli.config_from_args(parser.parse_args(encoders + ["--mm-device-budget-mb", "300"]))
+    assert cfg.encoders.mm_device_budget_mb == 300 and cfg.engine.cache.reserved_gpu_mb == 300
+    cfg = cli.config_from_args(parser.parse_args(encoders + ["--no-keep-mm-feature-on-device"]))
+    assert cfg.engine.cache.reserved_gpu_mb == 0  # features wait in host memory
+    cfg = cli.config_from_args(parser.parse_args(path))
+    assert cfg.engine.cache.reserved_gpu_mb == 0  # no encoders, no features
+    with pytest.raises(ValueError, match="mm_device_budget_mb"):
+        cli.config_from_args(parser.parse_args(encoders + ["--mm-device-budget-mb", "-1"]))

@@ -109,6 +109,25 @@ def test_features_can_be_kept_off_the_device(gpu_encoder):
     assert importer.stats.fetches == {"cuda_ipc": 1}
 
 
+def test_features_past_the_device_budget_wait_in_host_memory(gpu_encoder):
+    async def go(importer):
+        async with EncoderClient(gpu_encoder.target, importer=importer) as client:
+            descs = await client.encode([image(21), image(22)])
+            return descs, [await client.fetch(d, ack=True) for d in descs]
+
+    probe = gpu_importer()
+    (first, _), _ = asyncio.run(go(probe))
+    probe.close()
+    importer = gpu_importer(device_budget_bytes=first.nbytes)  # room for one of the two
+    descs, got = asyncio.run(go(importer))
+    importer.close()
+    assert [d.transport for d in descs] == ["cuda_ipc", "cuda_ipc"]
+    assert [t.device.type for t in got] == ["cuda", "cpu"]
+    assert importer.budget.held == descs[0].nbytes and importer.budget.overflowed == 1
+    del got  # the features are dropped: their device bytes return to the budget
+    assert importer.budget.held == 0
+
+
 def test_full_gpu_pool_falls_back_to_the_stream_and_metrics_count_it(gpu_encoder):
     importer = gpu_importer()
     items = [image(30 + i) for i in range(POOL_SLOTS + 3)]

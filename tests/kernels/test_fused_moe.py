@@ -318,8 +318,9 @@ def _fp8_experts(e: int, h: int, i: int, seed: int, device: str):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tokens", [1, 32, 700])  # 700 x 8 slots: past MAX_SLOTS, 64-row blocks
-def test_fp8_weights_match_the_dequantised_loop(tokens: int) -> None:
+@pytest.mark.parametrize("tokens", [1, 32, 700])  # 700 x 8 slots: past MAX_SLOTS, 128-row blocks
+def test_fp8_weights_match_the_dequantised_loop(tokens: int, monkeypatch) -> None:
+    monkeypatch.setattr(dispatch, "FP8_ACTIVATIONS", False)  # W8A16 at every size
     (q13, s13, q2, s2), (deq13, deq2) = _fp8_experts(32, 256, 128, seed=tokens, device="cuda")
     gen = torch.Generator("cuda").manual_seed(tokens)
     x = torch.randn(tokens, 256, generator=gen, device="cuda").bfloat16()
@@ -350,9 +351,10 @@ def test_fp8_kernels_replay_in_a_cuda_graph() -> None:
 
 
 @kernel_case
-@pytest.mark.parametrize("max_slots", [fused_moe.MAX_SLOTS, 4])  # 4: the 64-row prefill blocks
+@pytest.mark.parametrize("max_slots", [fused_moe.MAX_SLOTS, 4])  # 4: the 128-row prefill blocks
 def test_fp8_weights_under_the_kernels_small(max_slots, monkeypatch) -> None:
     monkeypatch.setattr(fused_moe, "MAX_SLOTS", max_slots)
+    monkeypatch.setattr(dispatch, "FP8_ACTIVATIONS", False)  # W8A16 past MAX_SLOTS too
     (q13, s13, q2, s2), (deq13, deq2) = _fp8_experts(E, HIDDEN, INTER, seed=3, device=DEVICE)
     route = _route(5, 2, E, seed=4, device=DEVICE)
     x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(5)).to(DEVICE)
