@@ -373,7 +373,10 @@ class LLMEngine:
     # ---- helpers ------------------------------------------------------------------------------
 
     def _to_device(self, embeds: torch.Tensor) -> torch.Tensor:
-        return embeds.to(self.runner.device, self.runner.dtype)
+        # features parked in host memory (the decoder's device budget) stay there: prefill
+        # copies the rows each step needs (model_runner._media_rows)
+        device = embeds.device if embeds.device.type == "cpu" else self.runner.device
+        return embeds.to(device, self.runner.dtype)
 
     def _media(self, request_id: str, index: int) -> torch.Tensor:
         embeds = self.scheduler.requests[request_id].mm_items[index].embeds

@@ -234,7 +234,7 @@ class ParallelExecutor:
                     continue
                 embeds = self.runner.media_source(seq.request_id, k)  # [n, H]
                 keys.append((seq.request_id, k, embeds.shape[0]))
-                rows.append(embeds)
+                rows.append(embeds.to(self.runner.device))  # host-parked features too
                 sent.add(k)
         return keys, rows
 
