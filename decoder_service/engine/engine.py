@@ -148,7 +148,11 @@ class LLMEngine:
             else:
                 num_blocks = CPU_DEFAULT_NUM_BLOCKS
         if num_blocks < 1:
-            raise RuntimeError("no memory left for the KV cache; lower --mem-fraction-static use")
+            raise RuntimeError(
+                "no GPU memory left for the KV cache after the weights, the activation peak and "
+                f"{config.cache.reserved_gpu_mb} MiB reserved for vision features; raise "
+                "--mem-fraction-static, lower --mm-device-budget-mb or --max-num-batched-tokens"
+            )
         self.executor.allocate_kv_cache(num_blocks)
         self._configure_decode(
             decode_settings(
