@@ -14,15 +14,10 @@ import random
 
 import pytest
 import torch
-from engine_reference import PromptSpec, draw_image, write_video
+from engine_cases import add, greedy, make_engine, run_batch
+from engine_reference import draw_image
 
-from decoder_service.engine.config import (
-    CacheConfig,
-    EngineConfig,
-    ExecutionConfig,
-    MediaLimits,
-    SchedulerConfig,
-)
+from decoder_service.engine.config import MediaLimits
 from decoder_service.engine.engine import CompletedRequest, LLMEngine
 from decoder_service.engine.errors import (
     DuplicateRequestError,
@@ -35,76 +30,6 @@ from decoder_service.engine.errors import (
 )
 from decoder_service.engine.request import MediaItem
 from decoder_service.engine.sampling_params import ForcedTokens, SamplingParams
-
-PREFIX = "Read the following question carefully and answer it in one short sentence. " * 3
-
-
-@pytest.fixture(scope="module")
-def specs(reference, tmp_path_factory) -> list[tuple[PromptSpec, int]]:
-    d = tmp_path_factory.mktemp("media")
-    im = [
-        draw_image(*wh, seed)
-        for seed, wh in enumerate([(90, 60), (200, 120), (40, 300), (160, 160), (300, 220)])
-    ]
-    va = write_video(d / "a.mp4", frames=12, fps=6)
-    vb = write_video(d / "b.mp4", frames=20, fps=5, width=96, height=64)
-    prompts = [
-        [("text", "Hello there")],
-        [("text", PREFIX + "What colour is the sky?")],
-        [("text", PREFIX + "How many legs does a cat have?")],
-        [("image", im[0]), ("text", "What is this?")],
-        [("image", im[0]), ("text", "What is this?")],  # exact repeat of the previous one
-        [("image", im[1]), ("text", "Describe the picture in detail.")],
-        [("image", im[2]), ("text", "Is this tall?")],
-        [("image", im[3]), ("text", "Compare with"), ("image", im[0])],
-        [("video", va), ("text", "Describe the video.")],
-        [("video", vb), ("text", "What happens?")],
-        [("text", "Look at this: "), ("image", im[1])],
-        [("image", im[0]), ("text", "A different question about it.")],
-        [("image", im[4]), ("text", "Count the squares.")],
-        [("text", PREFIX + "Name a prime number.")],
-        [("video", va), ("text", "Another question about the clip.")],
-        [("image", im[1]), ("image", im[2]), ("text", "Which is wider?")],
-    ]
-    return [(reference.build(p), 5 + i % 4) for i, p in enumerate(prompts)]
-
-
-@pytest.fixture(scope="module")
-def expected(reference, specs) -> list[list[int]]:
-    return [reference.generate(spec, n) for spec, n in specs]
-
-
-def make_engine(
-    ours, block_size=16, num_blocks=512, media=MediaLimits(), overlap=False, **sched
-) -> LLMEngine:
-    model, model_config, tok = ours
-    config = EngineConfig(
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
-        scheduler=SchedulerConfig(**{"max_num_batched_tokens": 2048, **sched}),
-        media=media,
-        execution=ExecutionConfig(overlap_outputs=overlap),
-    )
-    return LLMEngine(model, model_config, config, tok)
-
-
-def add(engine: LLMEngine, rid: str, spec: PromptSpec, params: SamplingParams, with_embeds=True):
-    items = spec.fresh_items()
-    if not with_embeds:
-        for item in items:
-            item.embeds = None
-    return engine.add_request(rid, spec.prompt_ids, params, items, spec.positions, spec.rope_delta)
-
-
-def greedy(n: int) -> SamplingParams:
-    return SamplingParams(temperature=0, max_tokens=n)
-
-
-def run_batch(engine: LLMEngine, specs) -> list[list[int]]:
-    for i, (spec, n) in enumerate(specs):
-        add(engine, str(i), spec, greedy(n))
-    done = engine.run_to_completion()
-    assert engine.kv.pool.num_free_blocks == engine.kv.num_blocks  # nothing leaked
-    return [done[str(i)].token_ids for i in range(len(specs))]
 
 
 def test_batch_equals_alone_equals_transformers(ours, specs, expected):
@@ -301,53 +226,6 @@ def test_logprobs_returned_per_token(ours, specs):
     for tok, lp in zip(out.token_ids, out.logprobs, strict=True):
         assert lp.top[0][0] == tok and lp.logprob == pytest.approx(lp.top[0][1])
         assert lp.top[0][1] >= lp.top[1][1]
-
-
-@pytest.mark.gpu
-def test_gpu_engine_sizes_its_pool_from_memory_and_matches_reference(tiny_ckpt_45, specs, expected):
-    from tokenizers import Tokenizer
-
-    from models.glm4v.config import load_model_config
-    from models.glm4v.loader import load_model
-
-    model = load_model(tiny_ckpt_45, dtype=torch.float32, device="cuda", vision=False)
-    config = EngineConfig(cache=CacheConfig(num_blocks=None, mem_fraction_static=0.05))
-    tok = Tokenizer.from_file(str(tiny_ckpt_45 / "tokenizer.json"))
-    engine = LLMEngine(model, load_model_config(tiny_ckpt_45), config, tok)
-    assert engine.kv.num_blocks > 100
-    assert run_batch(engine, specs) == expected
-
-
-@pytest.mark.gpu
-def test_gpu_engine_keeps_host_parked_features_in_host_memory(tiny_ckpt_45, specs, expected):
-    from models.glm4v.config import load_model_config
-    from models.glm4v.loader import load_model
-
-    model = load_model(tiny_ckpt_45, dtype=torch.float32, device="cuda", vision=False)
-    config = EngineConfig(cache=CacheConfig(num_blocks=256, block_size=16))
-    engine = LLMEngine(model, load_model_config(tiny_ckpt_45), config)
-    (parked, n_parked), (on_gpu, n_gpu) = specs[8], specs[5]  # a video, an image
-    add(engine, "parked", parked, greedy(n_parked), with_embeds=False)
-    add(engine, "gpu", on_gpu, greedy(n_gpu), with_embeds=False)
-    engine.attach_media("parked", 0, parked.items[0].embeds.cpu())
-    engine.attach_media("gpu", 0, on_gpu.items[0].embeds.cuda())
-    items = {rid: engine.scheduler.requests[rid].mm_items[0] for rid in ("parked", "gpu")}
-    assert items["parked"].embeds.device.type == "cpu"  # prefill copies the rows it needs
-    assert items["gpu"].embeds.device.type == "cuda"
-    done = engine.run_to_completion()
-    assert done["parked"].token_ids == expected[8] and done["gpu"].token_ids == expected[5]
-
-
-@pytest.mark.gpu
-def test_gpu_bfloat16_batch_runs_to_completion(tiny_ckpt_45, specs):
-    from models.glm4v.config import load_model_config
-    from models.glm4v.loader import load_model
-
-    model = load_model(tiny_ckpt_45, dtype=torch.bfloat16, device="cuda", vision=False)
-    config = EngineConfig(cache=CacheConfig(num_blocks=256, block_size=16))
-    engine = LLMEngine(model, load_model_config(tiny_ckpt_45), config)
-    outs = run_batch(engine, specs)
-    assert all(1 <= len(toks) <= n for toks, (_, n) in zip(outs, specs, strict=True))
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])

@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 import pytest
-from test_engine import greedy, make_engine
+from engine_cases import greedy, make_engine
 
 from decoder_service.engine_loop import EngineLoop, EngineRequest
 from decoder_service.errors import ServiceError, Status

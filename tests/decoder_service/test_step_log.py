@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from test_engine import greedy, make_engine
+from engine_cases import greedy, make_engine
 
 from decoder_service.engine.engine import EngineStats, RequestOutput, StepRecord
 from decoder_service.metrics import DecoderMetrics, StepLog
