@@ -4,7 +4,8 @@ Contract: ``EncoderServer(config).start()`` binds the port and starts serving at
 ``NOT_SERVING`` (for ``""`` and ``glimpse.encoder.v1.Encoder``); the vision tower is loaded in the
 background and one warm-up encode runs through the whole pipeline before health flips to
 ``SERVING``; on a GPU a forward at the full patch budget (plus the embedding cache's size) then
-leaves this process's peak reserved, so a decoder started after it sizes its KV cache around it. Until then ``Encode`` answers UNAVAILABLE. ``stop()`` flips health to NOT_SERVING,
+leaves this process's peak reserved, so a decoder started after it sizes its KV cache around it.
+Until then ``Encode`` answers UNAVAILABLE. ``stop()`` flips health to NOT_SERVING,
 waits ``shutdown_drain_s`` so probes notice, then stops the server letting in-flight calls finish
 within ``shutdown_grace_s``, and closes the embedding pool (readers then see it closed). Once
 warm, the heap built by loading is frozen out of the garbage collector's scans (``gc.freeze``:

@@ -31,7 +31,7 @@ class DeviceBudget:
         self._lock = threading.Lock()
 
     def place(self, t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.nbytes
         with self._lock:
             fits = self.held + nbytes <= self.limit_bytes
             if fits:
